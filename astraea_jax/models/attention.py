@@ -1,0 +1,76 @@
+"""The one attention function every model in the package calls.
+
+Routing all attention through `attention` (and `attention_with_lse`) lets the Pallas kernels, cuDNN and
+the sparse variants replace each other without touching model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+# q [B, S, H, D], k and v [B, N, H, D] -> out [B, S, H, D]
+AttentionFn = Callable[..., jax.Array]
+
+
+def _xla(q, k, v, *, scale):
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
+def _cudnn(q, k, v, *, scale):
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _pallas(q, k, v, *, scale):
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+
+  out, _ = pallas_kernels.selected_query_attention(q, k, v, scale=scale)
+  return out
+
+
+_IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": _xla, "cudnn": _cudnn, "pallas": _pallas}
+
+
+def default_implementation(dtype) -> str:
+  """cuDNN's fused kernel for half precision on GPU; XLA's einsum path otherwise."""
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+              implementation: str | None = None) -> jax.Array:
+  """Softmax attention, `softmax(q k^T * scale) v`, with no mask.
+
+  Args:
+    q: `[B, S, H, D]` queries.
+    k, v: `[B, N, H, D]` keys and values (N may differ from S).
+    scale: score scale; defaults to `D ** -0.5`.
+    implementation: one of `"xla"`, `"cudnn"`, `"pallas"`; None picks `default_implementation`.
+
+  Returns:
+    `[B, S, H, D]` in q's dtype.
+  """
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  name = implementation or default_implementation(q.dtype)
+  try:
+    fn = _IMPLEMENTATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown attention {implementation=}; choose from {sorted(_IMPLEMENTATIONS)}") from None
+  return fn(q, k, v, scale=scale)
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                       implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention that also returns each query's log-sum-exp, `lse [B, H, S]` (fp32, natural log, scaled scores).
+
+  The Astraea token scorer needs the LSE of every computed query; see `pallas_kernels.selected_query_attention`.
+  """
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  return pallas_kernels.selected_query_attention(q, k, v, scale=scale, implementation=implementation)
