@@ -5,7 +5,7 @@ A checkpoint directory holds
     params/                orbax PyTree checkpoint of the parameter tree (nested dict of arrays)
     astraea_metadata.json  {"format": 1, "family": "wan", "config": {...}, "dtypes": [...], ...}
 
-The parameter tree is the pure-dict form of a Flax NNX state (`nnx.State.to_pure_dict()`), so
+The parameter tree is the pure-dict form of a Flax NNX state (`nnx.to_pure_dict(state)`), so
 `load_params(path, abstract_state)` restores straight into a model's state:
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0))))
@@ -32,9 +32,18 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
+class _WrittenInPlace(np.ndarray):
+  """A view that orbax's numpy handler writes as it is, instead of deep-copying every array first
+  (that copy would double the host memory of a conversion; the save below is synchronous, so the
+  arrays cannot change while they are written)."""
+
+  def __deepcopy__(self, memo):
+    return self
+
+
 def _pure(state: Any) -> Any:
   if isinstance(state, nnx.State):
-    return state.to_pure_dict()
+    return nnx.to_pure_dict(state)
   return state
 
 
@@ -54,7 +63,8 @@ def save_params(out_dir: str | os.PathLike, state: Any, *, family: str, config: 
   """
   out = Path(out_dir).absolute()
   out.mkdir(parents=True, exist_ok=True)
-  tree = _pure(state)
+  tree = jax.tree_util.tree_map(
+      lambda x: x.view(_WrittenInPlace) if type(x) is np.ndarray else x, _pure(state))
   leaves = jax.tree_util.tree_leaves(tree)
   meta = {
       "format": FORMAT_VERSION,
@@ -66,8 +76,9 @@ def save_params(out_dir: str | os.PathLike, state: Any, *, family: str, config: 
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       **dict(extra or {}),
   }
-  # Synchronous save: an async one would first copy every array to keep it alive, doubling memory.
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
+  # Synchronous and uncompressed: compression buffers the encoded checkpoint in memory until it is
+  # committed, which would add most of a second copy to the peak host memory of a conversion.
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckpt:
     ckpt.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(tree))
   (out / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
   return out
@@ -123,6 +134,6 @@ def load_params(path: str | os.PathLike, abstract_state: Any, *, shardings: Any 
       raise ValueError(f"{path}: checkpoint does not match the model: {e}") from None
   if is_state:
     out = jax.tree_util.tree_map(lambda x: x, abstract_state)
-    out.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(out, restored)
     return out
   return restored

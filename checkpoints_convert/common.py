@@ -1,9 +1,10 @@
 """Helpers shared by every checkpoint converter: errors, atomic output, a checked target tree.
 
 A converter reads source tensors one at a time (see `safetensors_io`), renames them and fills a
-`ParamTree` of numpy arrays with the target layout; `ParamTree.finish` and `check_all_used` then prove
-that every source tensor was used and every target parameter filled with the right shape, before
-anything is written through `atomic_output_dir` (no partial output directory is ever left behind).
+`ParamTree` of numpy arrays with the target layout; `ParamTree.finish` and `check_all_used` then
+prove that every source tensor was used and every target parameter filled with the right shape,
+before anything is written through `atomic_output_dir` (no partial output directory is ever left
+behind).
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def parse_dtype(name: str | np.dtype) -> np.dtype:
 def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
   """Yields a fresh temporary sibling of `out`; renames it to `out` only if the body succeeds.
 
-  On any exception the temporary directory is removed, so a failed conversion leaves nothing at `out`
-  (and an existing `out` untouched). With `overwrite=True` an existing `out` is replaced on success;
-  otherwise an existing `out` is an error before any work is done.
+  On any exception the temporary directory is removed, so a failed conversion leaves nothing at
+  `out` (and an existing `out` untouched). With `overwrite=True` an existing `out` is replaced on
+  success; otherwise an existing `out` is an error before any work is done.
   """
   out = Path(out).absolute()
   if out.exists() and not overwrite:
@@ -95,9 +96,9 @@ class ParamTree:
   """A flat, dot-named tree of numpy target arrays, filled piece by piece and checked at the end.
 
   `expected` maps target names (`"blocks.attn1.to_q.kernel"`) to `(shape, dtype)`. Arrays are
-  allocated on first write. A name may be filled whole (`set(name, value)`) or, for parameters stacked
-  along a leading layer axis, one slice at a time (`set(name, value, index=i)`); each slice must be
-  written exactly once.
+  allocated on first write. A name may be filled whole (`set(name, value)`) or, for parameters
+  stacked along a leading layer axis, one slice at a time (`set(name, value, index=i)`); each slice
+  must be written exactly once.
   """
 
   def __init__(self, expected: Mapping[str, tuple[tuple[int, ...], Any]]):

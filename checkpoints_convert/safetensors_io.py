@@ -1,10 +1,10 @@
 """A numpy-only reader (and small writer) for the safetensors format, single-file or sharded.
 
 Format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length `n`, `n`
-bytes of JSON mapping each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets
-relative to the byte after the header) plus an optional `"__metadata__"` string map, then the raw
-little-endian tensor bytes. Sharded checkpoints add `*.safetensors.index.json` with a `weight_map`
-from tensor name to shard file.
+bytes of JSON mapping each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}`
+(offsets relative to the byte after the header) plus an optional `"__metadata__"` string map, then
+the raw little-endian tensor bytes. Sharded checkpoints add `*.safetensors.index.json` with a
+`weight_map` from tensor name to shard file.
 
 Tensors are read one at a time through `np.memmap`, so a converter never holds more than the tensor
 it is working on (bf16 arrays use `ml_dtypes.bfloat16`). Every header is validated when a file is
@@ -53,7 +53,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class TensorInfo(NamedTuple):
-  """Where one tensor lives: `file`, the safetensors `dtype` name, `shape`, absolute byte `offset`."""
+  """Where one tensor lives: `file`, safetensors `dtype` name, `shape`, absolute byte `offset`."""
   file: Path
   dtype: str
   shape: tuple[int, ...]
@@ -110,11 +110,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
       raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     info = TensorInfo(path, dtype, tuple(int(d) for d in shape), 8 + n + int(begin))
     if end - begin != info.nbytes or begin < 0:
-      raise CheckpointError(f"{path}: tensor {name!r} has byte range [{begin}, {end}) that does not "
-                            f"match shape {list(shape)} of {dtype}")
+      raise CheckpointError(f"{path}: tensor {name!r} has byte range [{begin}, {end}) that does "
+                            f"not match shape {list(shape)} of {dtype}")
     if end > data_size:
-      raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends at data byte "
-                            f"{end}, only {data_size} present)")
+      raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} ends at data "
+                            f"byte {end}, only {data_size} present)")
     tensors[name] = info
   return tensors, metadata
 
@@ -172,7 +172,11 @@ class SafetensorsReader:
     return sum(t.nbytes for t in self._tensors.values())
 
   def read(self, key: str) -> np.ndarray:
-    """The tensor as a read-only numpy array backed by the file (`np.memmap`)."""
+    """The tensor as a read-only numpy array backed by the file (`np.memmap`).
+
+    The array is a view of the file: copy it (`np.array(...)`) before rewriting that file, since
+    truncating a mapped file kills the process (SIGBUS) on the next access.
+    """
     info = self.info(key)
     if info.nbytes == 0:
       return np.zeros(info.shape, info.np_dtype)
@@ -185,7 +189,7 @@ class SafetensorsReader:
 
   def items(self) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(key, array)` one tensor at a time, in file order."""
-    for key in sorted(self._tensors, key=lambda k: (self._tensors[k].file, self._tensors[k].offset)):
+    for key in sorted(self._tensors, key=lambda k: self._tensors[k][::3]):  # (file, offset)
       yield key, self.read(key)
 
 
@@ -261,7 +265,7 @@ def load_folder(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
-  """Writes numpy arrays to one safetensors file (for tests and small outputs; holds all in memory)."""
+  """Writes numpy arrays to one safetensors file (tests and small outputs: all held in memory)."""
   header: dict[str, object] = {}
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -16,7 +16,10 @@ AttentionFn = Callable[..., jax.Array]
 
 
 def _xla(q, k, v, *, scale):
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  # Scores and softmax in fp32 whatever the input dtype; explicit casts keep strict promotion happy.
+  s = jnp.einsum("bshd,bnhd->bhsn", q, k, preferred_element_type=jnp.float32) * scale  # [B, H, S, N]
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhsn,bnhd->bshd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def _cudnn(q, k, v, *, scale):
