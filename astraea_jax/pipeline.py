@@ -1,0 +1,204 @@
+"""Text to video with a Wan-architecture model: text encoding, denoising (dense or ASTRAEA), decoding.
+
+The pipeline follows Wan2.1's text-to-video loop (wan/text2video.py in Wan-Video/Wan2.1 and diffusers'
+`WanPipeline`): prompts and the negative prompt are encoded once, the initial noise is drawn from the seed,
+every step runs the transformer on the (cond, uncond) pair and mixes them with classifier-free guidance, the
+flow-matching UniPC solver advances the latents, and the decoder turns the final latents into frames. With a
+`BudgetSchedule`, the transformer is ASTRAEA's token-wise accelerated forward (arXiv 2506.05096): step t
+computes `round(theta_t * N)` tokens per block and reuses the token cache for the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax.acceleration import AstraeaConfig, AstraeaStepModel, BudgetSchedule
+from astraea_jax.models.wan import WanTransformer3DModel
+from astraea_jax.sampling.loop import DenoiseStats, denoise
+from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowUniPCConfig, make_scheduler
+
+# The English negative prompt of diffusers' Wan2.1 README.
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra "
+    "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused "
+    "fingers, still picture, messy background, three legs, many people in the background, walking "
+    "backwards")
+
+
+class GenerationError(ValueError):
+  """A generation request the model cannot take (size, frames, steps, budget)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """One generation request. Defaults are Wan2.1-T2V-1.3B's (480p, 81 frames, 50 steps, guidance 5).
+
+  Attributes:
+    height, width: output size in pixels.
+    frames: output frames (4k + 1 for Wan's VAE).
+    steps: denoising steps.
+    guidance: classifier-free guidance scale; 1 disables the unconditional branch.
+    shift: flow shift of the sigma schedule; None uses the model's default.
+    seed: seed of the initial noise.
+    negative_prompt: the unconditional prompt.
+    sigma_schedule: "diffusers" (diffusers' flow sigmas) or "wan" (the original repository's).
+    solver: "unipc" (Wan's default, order 2) or "euler".
+  """
+
+  height: int = 480
+  width: int = 832
+  frames: int = 81
+  steps: int = 50
+  guidance: float = 5.0
+  shift: float | None = None
+  seed: int = 0
+  negative_prompt: str = WAN_NEGATIVE_PROMPT
+  sigma_schedule: Literal["diffusers", "wan"] = "diffusers"
+  solver: Literal["unipc", "euler"] = "unipc"
+
+  def __post_init__(self):
+    for name in ("height", "width", "frames", "steps"):
+      if getattr(self, name) < 1:
+        raise GenerationError(f"{name}={getattr(self, name)} must be positive")
+    if not np.isfinite(self.guidance) or self.guidance < 0:
+      raise GenerationError(f"guidance={self.guidance} must be a finite number >= 0")
+    if self.shift is not None and not self.shift > 0:
+      raise GenerationError(f"shift={self.shift} must be positive")
+    if self.sigma_schedule not in ("diffusers", "wan"):
+      raise GenerationError(f"{self.sigma_schedule=} must be 'diffusers' or 'wan'")
+    if self.solver not in ("unipc", "euler"):
+      raise GenerationError(f"{self.solver=} must be 'unipc' or 'euler'")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  """Frames `[B, F, H, W, 3]` uint8, the final latents `[B, C, T, Y, X]`, and timings."""
+
+  frames: np.ndarray
+  latents: np.ndarray
+  denoise_stats: DenoiseStats
+  encode_seconds: float
+  decode_seconds: float
+  num_tokens: int
+  schedule: BudgetSchedule | None
+
+  @property
+  def total_seconds(self) -> float:
+    return self.encode_seconds + self.denoise_stats.total_seconds + self.decode_seconds
+
+
+class DenseStepModel:
+  """The plain transformer as a `denoise` step model (no token cache): the dense baseline."""
+
+  def __init__(self, model: WanTransformer3DModel, context: jax.Array):
+    self._graphdef, self._state = nnx.split(model)
+    self.context = context
+
+  def __call__(self, latents, timestep, carry, step_index):
+    del step_index
+    return _dense_forward(self._graphdef, self._state, latents, timestep, self.context), carry
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_forward(graphdef, state, latents, timestep, context):
+  # jax.jit over the split state, not nnx.jit: the latter returns the parameters and XLA copies them.
+  return nnx.merge(graphdef, state)(latents, timestep, context)
+
+
+@dataclasses.dataclass
+class WanPipeline:
+  """A Wan-architecture text-to-video model with its text encoder and decoder.
+
+  Attributes:
+    name: shown in summaries.
+    transformer: the denoiser.
+    encode_text: prompts -> `[B, M, text_dim]` conditioning (zero past each prompt's length).
+    decode: latents `[B, C, T, Y, X]` -> video `[B, 3, F, H, W]` in [-1, 1].
+    spatial_stride, temporal_stride: the decoder's compression (Wan VAE: 8 and 4; pixel space: 1, 1).
+    default_shift: flow shift used when the request gives none.
+    fps: frame rate of written videos.
+    defaults: the request a bare `generate` makes of this model (size, frames, steps, guidance).
+  """
+
+  name: str
+  transformer: WanTransformer3DModel
+  encode_text: Callable[[Sequence[str]], jax.Array]
+  decode: Callable[[jax.Array], jax.Array]
+  spatial_stride: int
+  temporal_stride: int
+  default_shift: float
+  fps: int = 16
+  defaults: GenerationConfig = GenerationConfig()
+
+  def latent_shape(self, cfg: GenerationConfig) -> tuple[int, int, int, int]:
+    """`(C, T, Y, X)` of the latents for a request; GenerationError if the model cannot take it."""
+    pt, py, px = self.transformer.config.patch_size
+    sy, sx = self.spatial_stride * py, self.spatial_stride * px
+    if cfg.height % sy or cfg.width % sx:
+      raise GenerationError(
+          f"size {cfg.width}x{cfg.height} must be a multiple of {sx}x{sy} for {self.name}")
+    ts = self.temporal_stride
+    if (cfg.frames - 1) % ts:
+      raise GenerationError(f"frames={cfg.frames} must be {ts}k+1 for {self.name}")
+    t = (cfg.frames - 1) // ts + 1
+    if t % pt:
+      raise GenerationError(f"frames={cfg.frames} give {t} latent frames, not a multiple of {pt}")
+    return (self.transformer.config.in_channels, t, cfg.height // self.spatial_stride,
+            cfg.width // self.spatial_stride)
+
+  def num_tokens(self, cfg: GenerationConfig) -> int:
+    _, t, y, x = self.latent_shape(cfg)
+    pt, py, px = self.transformer.config.patch_size
+    return (t // pt) * (y // py) * (x // px)
+
+  def generate(self, prompts: Sequence[str], cfg: GenerationConfig, *,
+               schedule: BudgetSchedule | None = None,
+               astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True) -> GenerationResult:
+    """Generates one video per prompt (a batch), dense or with a token-budget schedule."""
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+      raise GenerationError("every prompt must be a non-empty string")
+    if schedule is not None and len(schedule) != cfg.steps:
+      raise GenerationError(f"the schedule has {len(schedule)} steps, the request {cfg.steps}")
+    c, t, y, x = self.latent_shape(cfg)
+    b = len(prompts)
+
+    start = time.perf_counter()
+    context = self.encode_text(prompts)  # [B, M, text_dim]
+    if cfg.guidance != 1.0:
+      negative = self.encode_text([cfg.negative_prompt] * b)
+      context = jnp.concatenate([context, negative], axis=0)  # [2B, M, text_dim]: cond, uncond
+    context = jax.block_until_ready(context)
+    encode_seconds = time.perf_counter() - start
+
+    shift = self.default_shift if cfg.shift is None else cfg.shift
+    sched_cfg = (FlowUniPCConfig if cfg.solver == "unipc" else FlowEulerConfig)(
+        sigma_schedule=cfg.sigma_schedule, shift=shift)
+    scheduler = make_scheduler(sched_cfg)
+    state = scheduler.set_timesteps(cfg.steps)
+    noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
+
+    if schedule is None:
+      step_model: Any = DenseStepModel(self.transformer, context)
+    else:
+      step_model = AstraeaStepModel(self.transformer, schedule, context, config=astraea)
+    latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=cfg.guidance,
+                                progress=progress)
+
+    start = time.perf_counter()
+    video = jax.block_until_ready(self.decode(latents))  # [B, 3, F, H, W]
+    decode_seconds = time.perf_counter() - start
+    frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
+    frames = np.moveaxis(frames, 1, -1)  # [B, F, H, W, 3]
+    return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
+                            self.num_tokens(cfg), schedule)
