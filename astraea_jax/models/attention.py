@@ -37,9 +37,12 @@ _IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": _xla, "cudnn": _cudnn, "palla
 
 
 def default_implementation(dtype) -> str:
-  """cuDNN's fused kernel for half precision on GPU; XLA's einsum path otherwise."""
+  """The project's Pallas kernel for half precision on Hopper (faster than cuDNN at the Wan shapes:
+  661 vs 580 TFLOP/s, benchmarks/NOTES-attention.md), cuDNN on other GPUs, XLA's einsum path on CPU."""
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
+    return "pallas" if pallas_kernels.default_implementation(dtype) == "mosaic_gpu" else "cudnn"
   return "xla"
 
 
@@ -76,4 +79,8 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
 
   if scale is None:
     scale = q.shape[-1] ** -0.5
+  # Model-level names ("pallas", "cudnn", "xla") choose the LSE-free path; only the kernel registry's
+  # own names ("mosaic_gpu", "chunked", "reference") pin the LSE kernel, else it picks for the platform.
+  if implementation not in pallas_kernels.IMPLEMENTATIONS:
+    implementation = None
   return pallas_kernels.selected_query_attention(q, k, v, scale=scale, implementation=implementation)

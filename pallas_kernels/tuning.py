@@ -1,0 +1,65 @@
+"""Block sizes of the attention kernels, apart from the kernels so that benchmarks can sweep them.
+
+One dataclass serves both implementations: the Mosaic GPU kernel reads `block_q`, `block_kv`,
+`stages` and `schedule_barrier`; the chunked pure-JAX path reads `q_chunk` and `kv_chunk`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["AttentionTuning", "TUNING_PRESETS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTuning:
+  """Tile sizes for `selected_query_attention` and `block_sparse_attention`.
+
+  Attributes:
+    block_q: query rows per Mosaic GPU thread block (CTA). Two compute warpgroups split it, so each
+      owns `block_q // 2` rows, which must be a multiple of 64 (the wgmma M tile).
+    block_kv: keys per pipeline step of the Mosaic GPU kernel; a multiple of 64.
+    stages: key/value tiles in flight in shared memory (TMA multi-buffering), at least 2.
+    schedule_barrier: make the two compute warpgroups take turns on the tensor cores
+      (FlashAttention-3 ping-pong scheduling). Off by default: on an H100 with the kernel's
+      intra-warpgroup overlap it measured 3-4% slower at theta = 1 (benchmarks/NOTES-attention.md).
+    q_chunk, kv_chunk: query rows and keys per step of the chunked pure-JAX path; its largest
+      temporary is `[B, H, q_chunk, kv_chunk]` float32.
+  """
+
+  block_q: int = 128
+  block_kv: int = 128
+  stages: int = 2
+  schedule_barrier: bool = False
+  q_chunk: int = 1024
+  kv_chunk: int = 1024
+
+  def __post_init__(self):
+    if self.block_q <= 0 or self.block_q % 128:
+      raise ValueError(f"{self.block_q=} must be a positive multiple of 128 "
+                       "(2 warpgroups x 64 rows)")
+    if self.block_kv <= 0 or self.block_kv % 64:
+      raise ValueError(f"{self.block_kv=} must be a positive multiple of 64")
+    if self.stages < 2:
+      raise ValueError(f"{self.stages=} must be at least 2")
+    if self.q_chunk < 1:
+      raise ValueError(f"{self.q_chunk=} must be positive")
+    if self.kv_chunk < 1:
+      raise ValueError(f"{self.kv_chunk=} must be positive")
+
+  @property
+  def rows_per_warpgroup(self) -> int:
+    return self.block_q // 2
+
+
+TUNING_PRESETS: dict[str, AttentionTuning] = {
+    # Hopper, bf16, head dim <= 128: FlashAttention-3's forward tile (64 rows per warpgroup, 128
+    # keys).
+    "default": AttentionTuning(),
+    # Head dim 256 leaves room for only 64-key tiles in shared memory.
+    "wide_head": AttentionTuning(block_kv=64),
+    # Tests: several key steps and several chunks at lengths of a few hundred; the schedule barrier
+    # on, so that interpret mode checks its protocol too.
+    "tiny": AttentionTuning(block_q=128, block_kv=64, stages=2, schedule_barrier=True, q_chunk=48,
+                            kv_chunk=40),
+}
