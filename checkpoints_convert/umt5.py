@@ -235,9 +235,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m checkpoints_convert umt5",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("src",
+  parser.add_argument("--src", required=True,
                       help="transformers text_encoder/ folder, diffusers Wan root, or Wan's .pth")
-  parser.add_argument("out", help="output orbax checkpoint directory")
+  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
   parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
   parser.add_argument("--preset", default=None,
                       help="architecture preset instead of the checkpoint's own")

@@ -251,8 +251,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | np.dtyp
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog=f"python -m checkpoints_convert {FAMILY}",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("src", help=f"diffusers vae/ folder, Wan-Diffusers root, or {_WAN_PTH}")
-  parser.add_argument("out", help="output orbax checkpoint directory")
+  parser.add_argument("--src", required=True, help=f"diffusers vae/ folder, Wan-Diffusers root, or {_WAN_PTH}")
+  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
   parser.add_argument("--dtype", default="float32",
                       help="parameter dtype: float32 (default), bfloat16 or float16")
   parser.add_argument("--preset", default=None,

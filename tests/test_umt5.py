@@ -189,7 +189,7 @@ def test_checkpoint_errors(tmp_path):
 
 def test_convert_round_trip_through_orbax(tmp_path, golden):
   out = tmp_path / "umt5_tiny"
-  argv = [str(WAN_PTH), str(out), "--dtype", "fp32", "--preset", "tiny"]
+  argv = ["--src", str(WAN_PTH), "--out", str(out), "--dtype", "fp32", "--preset", "tiny"]
   assert convert_umt5.main(argv) == 0
   model = umt5.load_encoder(out, dtype=jnp.float32)
   assert model.config == umt5.UMT5Config.preset("tiny")

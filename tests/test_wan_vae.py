@@ -247,7 +247,7 @@ def test_convert_and_load_checkpoint(tmp_path, model, golden, decoded):
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(loaded, nnx.Param)),
                nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   # The CLI entry point, from the .pth layout, in bf16.
-  assert convert_vae.main([str(PTH), str(tmp_path / "bf16"), "--preset", "tiny",
+  assert convert_vae.main(["--src", str(PTH), "--out", str(tmp_path / "bf16"), "--preset", "tiny",
                            "--dtype", "bfloat16"]) == 0
   bf16 = wan_vae.load_checkpoint(tmp_path / "bf16")
   assert {a.dtype for a in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
