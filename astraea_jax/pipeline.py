@@ -128,6 +128,7 @@ class WanPipeline:
     default_shift: flow shift used when the request gives none.
     fps: frame rate of written videos.
     defaults: the request a bare `generate` makes of this model (size, frames, steps, guidance).
+    default_prompt: the prompt of a bare `generate` (None: a prompt is required).
   """
 
   name: str
@@ -139,6 +140,7 @@ class WanPipeline:
   default_shift: float
   fps: int = 16
   defaults: GenerationConfig = GenerationConfig()
+  default_prompt: str | None = None
 
   def latent_shape(self, cfg: GenerationConfig) -> tuple[int, int, int, int]:
     """`(C, T, Y, X)` of the latents for a request; GenerationError if the model cannot take it."""

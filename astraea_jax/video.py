@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   tmp_path = Path(tmp)
   try:
     yield tmp_path
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
     os.replace(tmp_path, path)
   except BaseException:
     tmp_path.unlink(missing_ok=True)
@@ -67,7 +71,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 16) -
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f"expected [T, Y, X, 3] uint8 frames, got {frames.shape=} {frames.dtype=}")
   path = Path(path)
-  with atomic_path(path) as tmp:
+  with atomic_path(path) as tmp, warnings.catch_warnings():
+    # The encoder is a subprocess; JAX's fork warning does not apply to a fork+exec of ffmpeg.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     if path.suffix.lower() == ".gif":
       iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
     else:
@@ -81,4 +87,6 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
   """Reads a video back as `[T, Y, X, 3]` uint8 (for tests and quality checks)."""
   import imageio.v3 as iio  # pylint: disable=import-outside-toplevel
 
-  return np.asarray(iio.imread(path, plugin="FFMPEG" if Path(path).suffix != ".gif" else None))
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    return np.asarray(iio.imread(path, plugin="FFMPEG" if Path(path).suffix != ".gif" else None))

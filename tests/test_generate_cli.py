@@ -1,0 +1,65 @@
+"""`python -m astraea_jax.generate`: outputs, flags and one-line errors on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from astraea_jax import generate, video
+
+
+def _run(tmp_path, *args):
+  return subprocess.run([sys.executable, "-m", "astraea_jax.generate", "--quiet", *args],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_default_run_writes_playable_video_and_preview(tmp_path):
+  r = _run(tmp_path, "--steps", "3", "--budget", "0.5", "--out", "clip.mp4", "--save-latents")
+  assert r.returncode == 0, r.stderr
+  assert "wrote clip.mp4" in r.stdout and "budget 0.5" in r.stdout
+  frames = video.read_video(tmp_path / "clip.mp4")
+  assert frames.shape == (17, 64, 64, 3)
+  assert (tmp_path / "clip.gif").stat().st_size > 0
+  assert (tmp_path / "clip.npy").exists()
+
+
+def test_prompt_file_batch_and_schedule(tmp_path):
+  (tmp_path / "prompts.txt").write_text("a red circle moving right\n\na blue square moving up\n")
+  (tmp_path / "s.json").write_text(json.dumps(
+      {"format": "astraea-budget-schedule", "version": 1, "name": "t", "thetas": [1.0, 0.3, 0.6]}))
+  r = _run(tmp_path, "--steps", "3", "--prompt-file", "prompts.txt", "--schedule", "s.json",
+           "--out", "b.mp4", "--no-gif")
+  assert r.returncode == 0, r.stderr
+  assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["b_000.mp4", "b_001.mp4"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "60x64"], "multiple of"),
+    (["--frames", "0"], "frames=0"),
+    (["--prompt-file", "missing.txt"], "cannot read prompt file"),
+    (["--prompt", "   "], "--prompt is empty"),
+    (["--out", "nodir/clip.mp4"], "does not exist"),
+    (["--out", "clip.avi"], ".mp4"),
+    (["--schedule", "bad.json"], "cannot read schedule"),
+    (["--model", "no_such_model_dir"], "does not exist"),
+])
+def test_bad_input_one_line_and_no_output(tmp_path, args, message):
+  (tmp_path / "bad.json").write_text("{not json")
+  r = _run(tmp_path, "--steps", "2", *args)
+  assert r.returncode != 0
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert lines and lines[-1].startswith("error:") and message in lines[-1], r.stderr
+  assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.gif"))
+
+
+def test_budget_out_of_range_is_a_usage_error(tmp_path):
+  r = _run(tmp_path, "--budget", "1.5")
+  assert r.returncode == 2 and "budget must lie in [0, 1]" in r.stderr
+
+
+def test_help_mentions_every_flag():
+  text = generate.build_parser().format_help()
+  for flag in ("--model", "--prompt", "--budget", "--schedule", "--dense", "--compare-dense",
+               "--size", "--frames", "--steps", "--guidance", "--seed", "--out", "--save-latents"):
+    assert flag in text
