@@ -1,0 +1,310 @@
+"""The ASTRAEA-accelerated Wan forward (arXiv 2506.05096, Sec. 3) and its denoising-loop adapter.
+
+One denoising step with budget k = round(theta_t * N) tokens per block:
+
+  x, cond = embed(latents, t, context)                 # x [B, N, C]
+  for each block l (a loop over the stacked block parameters and the stacked token cache):
+    score every token from the cache (token_selection.token_scores)
+    idx = top-k per batch row                           # [B, S]
+    y_sel, lse = block(x, cond, select=idx)             # Q for the S rows, K/V for all N rows
+    out_l[idx] = y_sel      # scatter into the cached output: now the next block's input [B, N, C]
+    cache: input summary, LSE and skip counter refreshed for rows idx, skip counter + 1 elsewhere
+  out = head(x, cond)
+
+k = N runs every block dense (exactly the dense model) and refills the whole cache; k = 0 is a pure
+cache step: every block returns its cached output, so the head reads the last block's cache. The
+first step of a run must be dense (there is no cache before it). k is a static argument: each
+distinct k compiles once.
+
+Classifier-free guidance runs as batch rows (cond and uncond halves of B), and each row selects its
+own tokens: the halves attend to different keys anyway, and per-row selection keeps the work per row
+equal to k.
+
+The model is any module following the Wan contract of `astraea_jax.models.wan`: `embed`, `blocks` (one
+block whose parameters are stacked along a leading L axis), `head`, and the block call
+`block(x, cond, select=idx, return_lse=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax.acceleration.config import AstraeaConfig
+from astraea_jax.acceleration.schedule import BudgetSchedule
+from astraea_jax.acceleration.token_cache import TokenCache
+from astraea_jax.acceleration.token_selection import (
+    gather_rows,
+    input_change,
+    reduce_heads,
+    select_top_k,
+    sketch_matrix,
+    summarize_inputs,
+    token_scores,
+)
+
+__all__ = [
+    "AstraeaStepModel",
+    "StepStat",
+    "astraea_forward",
+    "compute_block",
+    "jit_astraea_step",
+    "num_video_tokens",
+    "selection_only_block",
+]
+
+# (block, x [B, N, C], cond, idx [B, S] or None) -> (y [B, S or N, C], lse [B, H, S or N] f32)
+BlockFn = Callable[[Any, jax.Array, Any, jax.Array | None], tuple[jax.Array, jax.Array]]
+
+
+def compute_block(block, x: jax.Array, cond, idx: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """The block itself: dense when `idx` is None, else the rows `idx` only; with the LSE."""
+  if idx is None:
+    return block(x, cond, return_lse=True)
+  return block(x, cond, select=idx, return_lse=True)
+
+
+def selection_only_block(block, x: jax.Array, cond, idx: jax.Array | None):
+  """A stand-in for `compute_block` that does no block work: returns the input rows and zero LSE.
+
+  Running `astraea_forward` with it measures what the selection machinery alone costs (scoring,
+  top-k, gathers, scatters, cache updates); benchmarks only.
+  """
+  del block, cond
+  rows = x if idx is None else gather_rows(x, idx)
+  return rows, jnp.zeros((x.shape[0], 1, rows.shape[1]), jnp.float32)  # one "head" suffices
+
+
+def num_video_tokens(patch_size: tuple[int, int, int], latents_shape: tuple[int, ...]) -> int:
+  """N for latents `[B, C_in, T, Y, X]`: `(T / p_t) * (Y / p_y) * (X / p_x)`."""
+  if len(latents_shape) != 5:
+    raise ValueError(f"latents must be [B, C_in, T, Y, X], got shape {tuple(latents_shape)}")
+  patch = tuple(patch_size)
+  dims = latents_shape[2:]
+  for d, p in zip(dims, patch):
+    if d % p:
+      raise ValueError(f"latent shape {tuple(dims)} is not divisible by patch_size={patch}")
+  return int(np.prod([d // p for d, p in zip(dims, patch)]))
+
+
+def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax.Array,
+                    cache: TokenCache | None, *, num_selected: int,
+                    config: AstraeaConfig = AstraeaConfig(),
+                    block_fn: BlockFn = compute_block) -> tuple[jax.Array, TokenCache]:
+  """One accelerated Wan forward; call it under `jax.jit` with `num_selected` static.
+
+  Args:
+    model: a Wan transformer (see the module docstring).
+    latents: `[B, C_in, T, Y, X]` noisy latents.
+    timestep: `[B]` float timesteps.
+    context: `[B, M, text_dim]` text embeddings.
+    cache: the token cache from the previous step, or None at the first step.
+    num_selected: k, tokens computed per block and batch row, in [0, N]; N means dense.
+    config: scoring and cache options.
+    block_fn: how a block is evaluated; `compute_block` unless measuring overheads.
+
+  Returns:
+    `(out [B, C_out, T, Y, X], cache)`, the model output and the updated cache.
+  """
+  x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
+  batch, tokens, dim = x.shape
+  graphdef, params = nnx.split(model.blocks)
+  layers = _num_layers(params)
+  k = int(num_selected)
+  if not 0 <= k <= tokens:
+    raise ValueError(f"num_selected={k} must lie in [0, N={tokens}]")
+  if cache is None:
+    if k != tokens:
+      raise ValueError(f"num_selected={k} < N={tokens} needs a token cache: the first step of a run "
+                       "must be dense")
+  else:
+    cache.check_compatible(layers, batch, tokens, dim, config)
+
+  if k == tokens:
+    x, cache = _dense_blocks(graphdef, params, x, cond, cache, config, block_fn)
+  elif k == 0:
+    x = cache.out[layers - 1]
+    cache = cache.replace(skips=cache.skips + 1)
+  else:
+    x, cache = _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn)
+  return model.head(x, cond), cache
+
+
+def _dense_blocks(graphdef, params, x, cond, cache, config, block_fn):
+  """Every token of every block; fills the cache (a fresh one at the first step)."""
+  if cache is None:
+    proj = (None if config.delta_mode == "exact" else
+            sketch_matrix(x.shape[-1], config.sketch_dim, config.sketch_seed, x.dtype))
+
+    def body(x, p):
+      y, lse = block_fn(nnx.merge(graphdef, p), x, cond, None)  # [B, N, C], [B, H, N]
+      return y, (y, summarize_inputs(x, proj), reduce_heads(lse, config.head_reduction))
+
+    x, (out, ref, lse) = jax.lax.scan(body, x, params)
+    return x, TokenCache(out=out, in_ref=ref, lse=lse, skips=jnp.zeros(lse.shape, jnp.int32),
+                         proj=proj)
+
+  def update(c, layer, x, p):
+    y, lse = block_fn(nnx.merge(graphdef, p), x, cond, None)
+    ref = summarize_inputs(x, c.proj)
+    return c.replace(out=_set_layer(c.out, y, layer), in_ref=_set_layer(c.in_ref, ref, layer),
+                     lse=_set_layer(c.lse, reduce_heads(lse, config.head_reduction), layer),
+                     skips=_set_layer(c.skips, jnp.zeros(c.skips.shape[1:], jnp.int32), layer))
+
+  return _walk_layers(update, params, x, cache)
+
+
+def _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn):
+  """k tokens per block and batch row; the cache is updated row-wise in place."""
+  batch = x.shape[0]
+  rows_b = jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1]
+  relative = config.delta_norm == "relative"
+
+  def update(c, layer, x, p):
+    current = summarize_inputs(x, c.proj)  # [B, N, P or C]
+    delta = input_change(current, c.in_ref[layer], relative=relative, eps=config.eps)  # [B, N]
+    scores = token_scores(c.lse[layer], delta, c.skips[layer], config)  # [B, N]
+    idx = select_top_k(scores, k)  # [B, S]
+    y_sel, lse_sel = block_fn(nnx.merge(graphdef, p), x, cond, idx)  # [B, S, C], [B, H, S]
+    if y_sel.shape != (batch, k, x.shape[-1]):
+      raise ValueError(f"block returned {y_sel.shape} for {k} selected rows of {x.shape}")
+    # Rows (layer, b, idx[b, s]) of the stacked arrays.
+    at = (layer, rows_b, idx)
+    skips_l = (c.skips[layer] + 1).at[rows_b, idx].set(0, unique_indices=True)  # [B, N]
+    return c.replace(
+        out=c.out.at[at].set(y_sel.astype(c.out.dtype), unique_indices=True),
+        in_ref=c.in_ref.at[at].set(gather_rows(current, idx).astype(c.in_ref.dtype),
+                                   unique_indices=True),
+        lse=c.lse.at[at].set(reduce_heads(lse_sel, config.head_reduction), unique_indices=True),
+        skips=_set_layer(c.skips, skips_l, layer))
+
+  return _walk_layers(update, params, x, cache)
+
+
+def _walk_layers(update, params, x, cache):
+  """Runs `update(cache, layer, block_input, layer_params) -> cache` over the L blocks.
+
+  Block l > 0 reads its input straight from the cache, `out[l - 1]`: after block l - 1 has written
+  its computed rows there, that slice IS the reassembled sequence (new rows computed, the others
+  cached). Reading it in place, rather than carrying a [B, N, C] copy from block to block, saves a
+  full read and write of the activations per block. Block 0 reads the embedding, so it runs once
+  outside the loop.
+  """
+  layers = _num_layers(params)
+  cache = update(cache, 0, x, _layer_params(params, 0))
+
+  def body(layer, c):
+    return update(c, layer, c.out[layer - 1], _layer_params(params, layer))
+
+  cache = jax.lax.fori_loop(1, layers, body, cache)
+  return cache.out[layers - 1], cache
+
+
+def _layer_params(params, layer):
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
+
+
+def _set_layer(stacked, value, layer):
+  return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, axis=0)
+
+
+def _num_layers(params) -> int:
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("model.blocks has no parameters")
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"model.blocks must stack every parameter along a leading layer axis L; found "
+                     f"leading sizes {sorted(map(str, sizes))}")
+  return sizes.pop()
+
+
+# -- the denoising-loop adapter -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStat:
+  """One step of a timed run: k, and wall seconds (including compilation when `first_call`)."""
+
+  step: int
+  theta: float
+  num_selected: int
+  seconds: float
+  first_call: bool
+
+
+def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, config, block_fn):
+  model = nnx.merge(graphdef, state)
+  return astraea_forward(model, latents, timestep, context, cache, num_selected=num_selected,
+                         config=config, block_fn=block_fn)
+
+
+def jit_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(),
+                     block_fn: BlockFn = compute_block):
+  """`astraea_forward` jitted over a split model, the cache donated, `num_selected` static.
+
+  Returns `step(state, latents, timestep, context, cache, *, num_selected) -> (out, cache)` where
+  `graphdef, state = nnx.split(model)`. The donated cache is updated in place: do not reuse it.
+  """
+  return jax.jit(functools.partial(_step, graphdef, config=config, block_fn=block_fn),
+                 static_argnames=("num_selected",), donate_argnames=("cache",))
+
+
+class AstraeaStepModel:
+  """`step_model(latents, timestep, carry, step_index) -> (model_output, carry)` for `denoise`.
+
+  Looks up theta for `step_index` in the schedule, runs the accelerated forward with
+  `k = round(theta * N)` (step 0 dense), and threads the token cache through the loop as the carry.
+  The forward is jitted once per distinct k, with the cache donated so that it is updated in place.
+
+  Args:
+    model: the Wan transformer.
+    schedule: one theta per denoising step.
+    context: `[B, M, text_dim]` text embeddings, batched like the latents that the loop passes
+      (with classifier-free guidance, cond and uncond rows in the loop's order).
+    config: scoring and cache options.
+    timed: wait for every step's result and record `StepStat`s in `self.stats`.
+  """
+
+  def __init__(self, model, schedule: BudgetSchedule, context: jax.Array, *,
+               config: AstraeaConfig = AstraeaConfig(), timed: bool = False):
+    self._graphdef, self._state = nnx.split(model)
+    self._patch_size = tuple(model.config.patch_size)
+    self.schedule = schedule
+    self.context = context
+    self.config = config
+    self.timed = timed
+    self.stats: list[StepStat] = []
+    self._seen: set[tuple[int, bool]] = set()  # (k, has cache): each compiles once
+    self._jitted = jit_astraea_step(self._graphdef, config=config)
+
+  def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
+    """k of step `step_index` for latents of this shape."""
+    return self.schedule.num_selected(step_index, num_video_tokens(self._patch_size, latents_shape))
+
+  def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
+               step_index: int) -> tuple[jax.Array, TokenCache]:
+    step_index = int(step_index)
+    batch = latents.shape[0]
+    if self.context.shape[0] != batch:
+      raise ValueError(f"context batch {self.context.shape[0]} does not match latents batch {batch}")
+    k = self.num_selected(step_index, latents.shape)
+    timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+    variant = (k, carry is not None)
+    start = time.perf_counter()
+    out, carry = self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k)
+    if self.timed:
+      jax.block_until_ready(out)
+      self.stats.append(StepStat(step_index, self.schedule.theta(step_index), k,
+                                 time.perf_counter() - start, variant not in self._seen))
+    self._seen.add(variant)
+    return out, carry
+

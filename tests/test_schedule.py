@@ -1,0 +1,86 @@
+"""Budget schedules: constructors, k per step, JSON round trip and input validation."""
+
+import json
+
+import pytest
+
+from astraea_jax.acceleration.schedule import BudgetSchedule, num_selected_tokens
+
+
+def test_uniform_and_dense():
+  s = BudgetSchedule.uniform(5, 0.4)
+  assert s.thetas == (0.4,) * 5 and len(s) == 5 and s.num_steps == 5
+  assert s.mean == pytest.approx(0.4)
+  assert BudgetSchedule.dense(3).thetas == (1.0, 1.0, 1.0)
+
+
+def test_dense_then():
+  s = BudgetSchedule.dense_then(10, 0.3, dense_steps=2)
+  assert s.thetas == (1.0, 1.0) + (0.3,) * 8
+  assert s.mean == pytest.approx((2 + 8 * 0.3) / 10)
+  assert BudgetSchedule.dense_then(4, 0.5, dense_steps=0).thetas == (0.5,) * 4
+  with pytest.raises(ValueError, match="dense_steps"):
+    BudgetSchedule.dense_then(4, 0.5, dense_steps=5)
+
+
+@pytest.mark.parametrize("mean, theta", [(0.4, 0.25), (0.5, 0.375), (0.7, 0.625)])
+def test_dense_then_mean_hits_the_budget(mean, theta):
+  s = BudgetSchedule.dense_then_mean(50, mean, dense_fraction=0.2)
+  assert s.thetas[:10] == (1.0,) * 10
+  assert s.thetas[10:] == pytest.approx((theta,) * 40)
+  assert s.mean == pytest.approx(mean)
+
+
+def test_dense_then_mean_quantized_and_unreachable():
+  s = BudgetSchedule.dense_then_mean(50, 0.4, dense_fraction=0.2, quantum=0.1)
+  assert s.thetas[10:] == pytest.approx((0.2,) * 40)
+  assert s.mean <= 0.4
+  with pytest.raises(ValueError, match="unreachable"):
+    BudgetSchedule.dense_then_mean(50, 0.1, dense_fraction=0.2)
+
+
+def test_num_selected_rounds_half_up_and_forces_step_zero_dense():
+  assert num_selected_tokens(0.5, 5) == 3  # Python's round(2.5) would give 2
+  assert num_selected_tokens(0.4, 32760) == 13104
+  assert num_selected_tokens(0.0, 7) == 0 and num_selected_tokens(1.0, 7) == 7
+  s = BudgetSchedule((0.0, 0.5, 0.0, 1.0))
+  assert [s.num_selected(i, 10) for i in range(4)] == [10, 5, 0, 10]
+  assert s.effective_mean(10) == pytest.approx((10 + 5 + 0 + 10) / 40)
+  with pytest.raises(IndexError):
+    s.num_selected(4, 10)
+  with pytest.raises(ValueError, match="num_tokens"):
+    s.num_selected(1, 0)
+
+
+def test_json_round_trip(tmp_path):
+  s = BudgetSchedule.dense_then(6, 0.35, dense_steps=1)
+  path = tmp_path / "schedule.json"
+  s.save(path)
+  data = json.loads(path.read_text())
+  assert data["thetas"] == list(s.thetas) and data["format"] == "astraea-budget-schedule"
+  assert BudgetSchedule.load(path) == s
+  assert BudgetSchedule.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize("text, match", [
+    ("not json", "invalid JSON"),
+    ('{"thetas": [0.5]}', "format"),
+    ('{"format": "astraea-budget-schedule", "version": 2, "thetas": [0.5]}', "version"),
+    ('{"format": "astraea-budget-schedule", "version": 1, "thetas": "0.5"}', "list of numbers"),
+    ('{"format": "astraea-budget-schedule", "version": 1, "thetas": [0.5, 1.5]}', r"thetas\[1\]"),
+    ('{"format": "astraea-budget-schedule", "version": 1, "thetas": []}', "at least one"),
+])
+def test_bad_json_raises_value_error(text, match):
+  with pytest.raises(ValueError, match=match):
+    BudgetSchedule.from_json(text)
+
+
+def test_invalid_thetas():
+  with pytest.raises(ValueError, match=r"thetas\[0\]"):
+    BudgetSchedule((-0.1,))
+  with pytest.raises(ValueError, match=r"thetas\[1\]"):
+    BudgetSchedule((0.5, float("nan")))
+  with pytest.raises(ValueError, match="num_steps"):
+    BudgetSchedule.uniform(0, 0.5)
+  with pytest.raises(ValueError, match="theta"):
+    num_selected_tokens(1.2, 10)
