@@ -1,21 +1,23 @@
 """Speed and memory of the ASTRAEA-accelerated Wan forward against this project's dense forward.
 
-Default: the full-size `wan2.1-t2v-1.3b` preset with random weights built on the device, bf16, CFG as
-batch 2, 480p x 81 frames (latents [2, 16, 21, 60, 104] -> N = 32,760 tokens, 512 text tokens).
+Default: the full-size `wan2.1-t2v-1.3b` preset with random weights built on the device, bf16, CFG
+as batch 2, 480p x 81 frames (latents [2, 16, 21, 60, 104] -> N = 32,760 tokens, 512 text tokens).
 
-A step's time depends only on its k (tokens computed per block and batch row), not on which tokens or
-which step, so every distinct k of the compared schedules is compiled once and timed over `--runs`
-calls (median); a schedule's loop time is then the SUM over its 50 steps of the per-step time of each
-step's k (not a timed 50-step loop). The schedules: dense (the plain model), uniform theta for each
-`--budgets` value (step 0 dense), and "dense for the first `--dense-fraction` of the steps, then
-theta" with theta chosen so that the mean budget is the same value.
+A step's time depends only on its k (tokens computed per block and batch row), not on which tokens
+or which step, so every distinct k of the compared schedules is compiled once and timed over
+`--runs` calls (median); a schedule's loop time is then the SUM over its 50 steps of the per-step
+time of each step's k (not a timed 50-step loop). The schedules: dense (the plain model), uniform
+theta for each `--budgets` value (step 0 dense), and "dense for the first `--dense-fraction` of the
+steps, then theta" with theta chosen so that the mean budget is the same value.
 
 Also measured: the selection overhead, i.e. the same forward with every block replaced by a no-op
-(`selection_only_block`: scoring, top-k, gathers, scatters and cache updates remain), the pure cache
-step (k = 0), the peak device memory of the dense forward and of the accelerated steps (with the
-token cache), and the compiled temporaries of each variant. The diffusers + PyTorch dense reference
-is the figure measured on this project's H100 (623 ms per batch-1 forward, so 2 x 50 x 623 ms for
-50 CFG steps), unless `--diffusers-ms` says otherwise.
+(`selection_only_block`: scoring, top-k, gathers, scatters and cache updates remain); the pure cache
+step (k = 0); the same budget with each block's input carried as a copy (`inplace_input=False`);
+the compiled temporaries of each variant; and the allocator's peak memory after the dense forward,
+after the first (cache-filling) step plus sparse steps, and after a dense step with a cache, in that
+order, before anything holds two caches (the first step is timed last for that reason). The
+diffusers + PyTorch dense reference is the figure measured on this project's H100 (623 ms per
+batch-1 forward, so 2 x 50 x 623 ms for 50 CFG steps), unless `--diffusers-ms` says otherwise.
 
     PYTHONPATH=. python3 benchmarks/astraea_speed.py [--steps 50] [--budgets 0.7 0.5 0.4] [--runs 3]
 
@@ -102,7 +104,7 @@ class Timer:
     return compiled, seconds, temp
 
   def time_chain(self, compiled, args_without_cache, cache):
-    """Calls `compiled(*args, cache)` runs + 1 times (the first as warm-up); returns ms, out, cache."""
+    """Calls `compiled(*args, cache)` runs + 1 times, the first a warm-up: (ms, out, cache)."""
     times = []
     out = None
     for i in range(self.runs + 1):
@@ -193,43 +195,59 @@ def main(argv: list[str] | None = None) -> int:
   record("dense (model)", n, times, cs, temp)
   peak_dense = peak_bytes()
 
-  # 2. Astraea: the first, cache-filling dense step; then dense with a cache; then each sparse k.
+  # 2. Astraea. Memory first: one cache-filling dense step, then sparse steps (the cache donated
+  # and updated in place) and a dense step with a cache, reading the allocator's peak after each.
   step = jit_astraea_step(graphdef, config=acfg, block_fn=compute_block)
   fixed = (state, latents, timestep, context)
-  compiled, cs, temp = timer.compile(step, *fixed, None, num_selected=n)
-  times = []
-  for i in range(args.runs + 1):
-    start = time.perf_counter()
-    out, cache = compiled(*fixed, None)
-    jax.block_until_ready((out, cache))
-    if i:
-      times.append((time.perf_counter() - start) * 1e3)
+  compiled_first, cs_first, temp_first = timer.compile(step, *fixed, None, num_selected=n)
+  out, cache = compiled_first(*fixed, None)
+  jax.block_until_ready((out, cache))
   fill_err = float(jnp.linalg.norm((out - dense_out).astype(jnp.float32))
                    / jnp.linalg.norm(dense_out.astype(jnp.float32)))
-  record("astraea k=N, first", n, times, cs, temp, rel_err_vs_dense=fill_err)
   cache_bytes = cache.nbytes
   del dense_out
+  memory = {"peak_after_first_step": peak_bytes()}
+
+  sparse_outputs_finite = True
+
+  def time_sparse(k, fn=step, name=None):
+    nonlocal cache, sparse_outputs_finite
+    compiled, cs, temp = timer.compile(fn, *fixed, cache, num_selected=k)
+    times, out, cache = timer.time_chain(compiled, fixed, cache)
+    sparse_outputs_finite &= bool(jnp.isfinite(out).all())
+    record(name or f"astraea k={k}", k, times, cs, temp)
+
+  time_sparse(sparse_ks[0])
+  memory["peak_after_sparse_steps"] = peak_bytes()
+  memory["in_use_after_sparse_steps"] = in_use_bytes()
 
   compiled, cs, temp = timer.compile(step, *fixed, cache, num_selected=n)
   times, out, cache = timer.time_chain(compiled, fixed, cache)
   record("astraea k=N, cached", n, times, cs, temp)
+  memory["peak_after_dense_step_with_cache"] = peak_bytes()
 
-  sparse_outputs_finite = True
-  for k in sparse_ks:
+  # The same budget with each block's input carried as a copy instead of read in place.
+  carry_step = jit_astraea_step(graphdef, config=dataclasses.replace(acfg, inplace_input=False))
+  time_sparse(sparse_ks[0], carry_step, f"astraea k={sparse_ks[0]}, carried input")
+
+  for k in sparse_ks[1:]:
     if timer.out_of_time():
       print(f"time limit reached: skipping k={k} and later", flush=True)
       break
-    compiled, cs, temp = timer.compile(step, *fixed, cache, num_selected=k)
-    times, out, cache = timer.time_chain(compiled, fixed, cache)
-    sparse_outputs_finite &= bool(jnp.isfinite(out).all())
-    record(f"astraea k={k}", k, times, cs, temp)
-  peak_astraea = peak_bytes()
+    time_sparse(k)
 
   # The pure cache step (k = 0): embedding, head and the skip counters only.
   if not timer.out_of_time():
-    compiled, cs, temp = timer.compile(step, *fixed, cache, num_selected=0)
-    times, out, cache = timer.time_chain(compiled, fixed, cache)
-    record("astraea k=0", 0, times, cs, temp)
+    time_sparse(0)
+
+  # The first step, timed last: each call builds a new cache while the previous one is alive.
+  times = []
+  for _ in range(args.runs):
+    start = time.perf_counter()
+    out, cache = compiled_first(*fixed, None)
+    jax.block_until_ready((out, cache))
+    times.append((time.perf_counter() - start) * 1e3)
+  record("astraea k=N, first", n, times, cs_first, temp_first, rel_err_vs_dense=fill_err)
 
   # 3. The selection machinery alone (blocks replaced by a gather of their input rows).
   probe = jit_astraea_step(graphdef, config=acfg, block_fn=selection_only_block)
@@ -290,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
       "memory": {
           "params_and_inputs_gib": gib(base_bytes),
           "peak_dense_gib": gib(peak_dense),
-          "peak_astraea_gib": gib(peak_astraea),
+          **{f"{key}_gib": gib(value) for key, value in memory.items()},
           "token_cache_gib": gib(cache_bytes),
           "token_cache_bytes_per_token_per_block": cache_bytes_per_token_per_block(
               config.hidden_size, acfg, jnp.dtype(config.dtype)),
@@ -307,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
   print(f"\nwrote {out_path}")
   mem = record_json["memory"]
-  print(f"memory: params+inputs {mem['params_and_inputs_gib']}, peak dense {mem['peak_dense_gib']}, "
-        f"peak astraea {mem['peak_astraea_gib']}, token cache {mem['token_cache_gib']:.2f} GiB")
+  print("memory (GiB): " + ", ".join(f"{key[:-4]} {value:.2f}" for key, value in mem.items()
+                                      if key.endswith("_gib") and value is not None))
   print(f"{'variant':>24} {'k':>6} {'ms/step':>8}")
   for name, r in rows.items():
     print(f"{name:>24} {r['k']:>6} {r['median_ms']:>8.1f}")

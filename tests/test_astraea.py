@@ -1,4 +1,4 @@
-"""The accelerated Wan forward on the tiny preset (fp32): exactness, reuse, selection and the adapter."""
+"""The accelerated Wan forward on the tiny preset (fp32): exactness, reuse, selection, adapters."""
 
 import functools
 
@@ -17,13 +17,10 @@ from astraea_jax.acceleration.astraea import (
 from astraea_jax.acceleration.config import AstraeaConfig
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import TokenCache, cache_bytes_per_token_per_block
-from astraea_jax.acceleration.token_selection import (
-    input_change,
-    reduce_heads,
-    summarize_inputs,
-    token_scores,
-)
+from astraea_jax.acceleration.token_selection import reduce_heads
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
+from astraea_jax.sampling.loop import denoise
+from astraea_jax.sampling.schedulers import FlowEulerScheduler
 
 B, LATENT = 2, (4, 2, 4, 6)  # latents [B, C_in=4, T=2, Y=4, X=6] -> N = 2 * 2 * 3 = 12 tokens
 N = 12
@@ -89,7 +86,8 @@ def test_half_budget_changes_output_and_skipped_tokens_keep_their_cache(model, c
   k = N // 2
   _, cache0 = _forward(model, *s0[:1], s0[1], context, None, N, config)
   cache0 = jax.tree.map(np.asarray, cache0)  # keep a host copy: the next call may not alias it
-  out1, cache1 = _forward(model, s1[0], s1[1], context, jax.tree.map(jnp.asarray, cache0), k, config)
+  out1, cache1 = _forward(model, s1[0], s1[1], context, jax.tree.map(jnp.asarray, cache0), k,
+                          config)
 
   dense1 = _dense(model, s1[0], s1[1], context)
   err = np.linalg.norm(np.asarray(out1 - dense1)) / np.linalg.norm(np.asarray(dense1))
@@ -102,7 +100,7 @@ def test_half_budget_changes_output_and_skipped_tokens_keep_their_cache(model, c
   out_new, out_old = np.asarray(cache1.out), cache0.out
   # A skipped token carries exactly its cached block output (and keeps its cached statistics).
   np.testing.assert_array_equal(out_new[~computed], out_old[~computed])
-  for name in ("in_ref", "in_norm", "lse"):
+  for name in ("in_ref", "lse"):
     np.testing.assert_array_equal(np.asarray(getattr(cache1, name))[~computed],
                                   getattr(cache0, name)[~computed])
   # Computed tokens got a new value.
@@ -125,7 +123,7 @@ def test_sparse_block_zero_selects_top_scores_and_matches_dense_rows(model):
   delta = np.linalg.norm(x64 - ref64, axis=-1) / np.linalg.norm(ref64, axis=-1)
   score = 1.0 * np.asarray(cache0.lse[0], np.float64) * delta + 0.5 * np.exp(0.0)
   want = np.sort(np.argsort(-score, axis=-1)[:, :k], axis=-1)
-  got = np.stack([np.flatnonzero(r) for r in np.asarray(cache1.skips[0]) == 0])
+  got = np.stack([np.flatnonzero(r) for r in np.asarray(cache1.skips[0]) == 0])  # sorted
   np.testing.assert_array_equal(got, want)
 
   graphdef, params = nnx.split(model.blocks)
@@ -184,8 +182,8 @@ def test_cache_memory_layout(model):
   per_token = cache_bytes_per_token_per_block(c, AstraeaConfig(), jnp.float32)
   assert cache.nbytes == layers * B * N * per_token + c * 64 * 4
   # The bound of the method: one bf16 hidden vector per token per block plus small extras.
-  assert cache_bytes_per_token_per_block(1536) == 2 * 1536 + 4 * 64 + 12
-  assert cache_bytes_per_token_per_block(1536, EXACT) == 4 * 1536 + 12
+  assert cache_bytes_per_token_per_block(1536) == 2 * 1536 + 4 * 64 + 8
+  assert cache_bytes_per_token_per_block(1536, EXACT) == 4 * 1536 + 8
 
 
 def test_selection_only_block_leaves_outputs_at_inputs(model):
@@ -221,3 +219,47 @@ def test_step_model_threads_the_cache_through_a_loop(model):
   assert all(np.isfinite(np.asarray(o)).all() for o in outs)
   with pytest.raises(ValueError, match="context batch"):
     step_model(latents[:1], jnp.float32(1.0), None, 0)
+
+
+def test_carried_input_matches_in_place_input(model):
+  # `inplace_input` only changes where each block reads its input from, not the result.
+  (s0, s1, s2), context = _steps(seed=9)
+  results = []
+  for inplace in (True, False):
+    config = AstraeaConfig(inplace_input=inplace)
+    _, cache = _forward(model, s0[0], s0[1], context, None, N, config)
+    _, cache = _forward(model, s1[0], s1[1], context, cache, 5, config)
+    out, cache = _forward(model, s2[0], s2[1], context, cache, 5, config)
+    results.append((out, cache))
+  (out_a, cache_a), (out_b, cache_b) = results
+  _assert_close(out_a, out_b, rtol=1e-6)
+  np.testing.assert_array_equal(cache_a.skips, cache_b.skips)  # the same tokens were selected
+  for name in ("out", "in_ref", "lse"):
+    _assert_close(getattr(cache_a, name), getattr(cache_b, name), rtol=1e-6)
+
+
+def test_step_model_in_the_denoising_loop(model):
+  # With guidance the loop batches [cond; uncond] rows: the context is laid out the same way.
+
+  latents, context = _inputs(11)
+  latents = latents[:1]  # [1, C_in, T, Y, X]; the CFG pair makes the model batch 2
+  scheduler = FlowEulerScheduler()
+  state = scheduler.set_timesteps(3)
+
+  def dense_step(batch, timestep, carry, step_index):
+    del step_index
+    return _dense(model, batch, timestep, context), carry
+
+  def run(step_model):
+    out, carry, stats = denoise(step_model, latents, scheduler, state, guidance_scale=5.0,
+                                progress=False)
+    assert len(stats.step_seconds) == 3
+    return out, carry
+
+  dense, _ = run(dense_step)
+  full, cache = run(AstraeaStepModel(model, BudgetSchedule.dense(3), context))
+  half, _ = run(AstraeaStepModel(model, BudgetSchedule.uniform(3, 0.5), context))
+  assert isinstance(cache, TokenCache) and cache.batch_size == 2
+  _assert_close(full, dense)
+  err = np.linalg.norm(np.asarray(half - dense)) / np.linalg.norm(np.asarray(dense))
+  assert err > 1e-2, err

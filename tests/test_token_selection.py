@@ -1,4 +1,4 @@
-"""Token scoring and selection against float64 numpy, plus the ranking properties the method needs."""
+"""Token scoring and selection against float64 numpy, and the ranking properties of the method."""
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +55,12 @@ def test_input_change_exact_against_numpy():
   rng = np.random.default_rng(2)
   xc = rng.normal(size=(2, 6, 16)).astype(np.float32)
   x = (xc + rng.normal(scale=0.1, size=xc.shape)).astype(np.float32)
-  ref, norm = summarize_inputs(jnp.asarray(xc), None)
-  cur, _ = summarize_inputs(jnp.asarray(x), None)
+  ref = summarize_inputs(jnp.asarray(xc), None)
+  cur = summarize_inputs(jnp.asarray(x), None)
   want_abs = np.linalg.norm(x.astype(np.float64) - xc, axis=-1)
   want_rel = want_abs / np.linalg.norm(xc.astype(np.float64), axis=-1)
-  np.testing.assert_allclose(input_change(cur, ref, norm, relative=True), want_rel, rtol=1e-5)
-  np.testing.assert_allclose(input_change(cur, ref, norm, relative=False), want_abs, rtol=1e-5)
+  np.testing.assert_allclose(input_change(cur, ref, relative=True), want_rel, rtol=1e-5)
+  np.testing.assert_allclose(input_change(cur, ref, relative=False), want_abs, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
@@ -75,15 +75,14 @@ def test_token_whose_input_changed_more_ranks_higher(mode):
   x[0, 5] += 0.3 * rng.normal(size=c).astype(np.float32) / np.sqrt(c)  # small change
   x[0, 2] += 3.0 * rng.normal(size=c).astype(np.float32) / np.sqrt(c)  # large change
   proj = None if mode == "exact" else sketch_matrix(c, 64, seed=0)
-  ref, norm = summarize_inputs(jnp.asarray(xc), proj)
-  cur, _ = summarize_inputs(jnp.asarray(x), proj)
-  delta = input_change(cur, ref, norm)
+  delta = input_change(summarize_inputs(jnp.asarray(x), proj),
+                       summarize_inputs(jnp.asarray(xc), proj))
   lse = jnp.full((1, n), 9.0, jnp.float32)
   skips = jnp.ones((1, n), jnp.int32)
   scores = np.asarray(token_scores(lse, delta, skips))
   assert scores[0, 2] > scores[0, 5] > scores[0, 0]
   np.testing.assert_array_equal(select_top_k(jnp.asarray(scores), 1), [[2]])
-  np.testing.assert_array_equal(select_top_k(jnp.asarray(scores), 2), [[2, 5]])
+  np.testing.assert_array_equal(select_top_k(jnp.asarray(scores), 2), [[2, 5]])  # by score
 
 
 def test_stale_token_is_forced_back():
@@ -101,13 +100,12 @@ def test_sketch_ranks_like_exact():
   scale = np.exp(rng.uniform(np.log(1e-3), np.log(1.0), size=(1, n, 1)))
   x = (xc + scale * rng.normal(size=xc.shape)).astype(np.float32)
   proj = sketch_matrix(c, 64, seed=0)
-  exact = np.asarray(input_change(summarize_inputs(jnp.asarray(x), None)[0],
-                                  *summarize_inputs(jnp.asarray(xc), None)))[0]
-  ref, norm = summarize_inputs(jnp.asarray(xc), proj)
-  sketch = np.asarray(input_change(summarize_inputs(jnp.asarray(x), proj)[0], ref, norm))[0]
+  exact = np.asarray(input_change(jnp.asarray(x), jnp.asarray(xc)))[0]
+  sketch = np.asarray(input_change(summarize_inputs(jnp.asarray(x), proj),
+                                   summarize_inputs(jnp.asarray(xc), proj)))[0]
   assert _spearman(exact, sketch) > 0.98
   ratio = sketch / exact
-  assert np.median(np.abs(ratio - 1)) < 0.15  # ~ 1 / sqrt(2 * 64) typical error
+  assert np.median(np.abs(ratio - 1)) < 0.15  # ~ 1 / sqrt(64) typical error of the ratio
   # The same top-40% set, up to the tokens near the threshold.
   k = int(0.4 * n)
   top_exact = set(np.argsort(-exact)[:k])
@@ -128,8 +126,8 @@ def test_sketch_matrix_is_seeded_and_norm_preserving():
 def test_sketch_of_bf16_inputs_accumulates_in_f32():
   x = jax.random.normal(jax.random.key(0), (1, 4, 64), jnp.float32)
   proj = sketch_matrix(64, 16, dtype=jnp.bfloat16)
-  ref, norm = summarize_inputs(x.astype(jnp.bfloat16), proj)
-  assert ref.dtype == jnp.float32 and norm.dtype == jnp.float32
+  ref = summarize_inputs(x.astype(jnp.bfloat16), proj)
+  assert ref.dtype == jnp.float32
   want = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(proj, np.float64)
   np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-4, atol=1e-4)
 
@@ -139,8 +137,7 @@ def test_select_top_k_matches_numpy():
   idx = np.asarray(select_top_k(jnp.asarray(scores), 17))
   assert idx.dtype == np.int32 and idx.shape == (3, 17)
   for row, s in zip(idx, scores):
-    assert np.all(np.diff(row) > 0)
-    np.testing.assert_array_equal(row, np.sort(np.argsort(-s)[:17]))
+    np.testing.assert_array_equal(row, np.argsort(-s, kind="stable")[:17])
   for k in (0, 51):
     with pytest.raises(ValueError, match="k="):
       select_top_k(jnp.asarray(scores), k)

@@ -1,5 +1,5 @@
-"""The ASTRAEA core (arXiv 2506.05096): budget schedules, token scoring and selection, the token cache,
-and the accelerated Wan forward with its denoising-loop adapter."""
+"""The ASTRAEA core (arXiv 2506.05096): budget schedules, token scoring and selection, the token
+cache, and the accelerated Wan forward with its denoising-loop adapter."""
 
 from astraea_jax.acceleration.astraea import (
     AstraeaStepModel,

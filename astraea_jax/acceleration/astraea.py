@@ -20,8 +20,8 @@ Classifier-free guidance runs as batch rows (cond and uncond halves of B), and e
 own tokens: the halves attend to different keys anyway, and per-row selection keeps the work per row
 equal to k.
 
-The model is any module following the Wan contract of `astraea_jax.models.wan`: `embed`, `blocks` (one
-block whose parameters are stacked along a leading L axis), `head`, and the block call
+The model is any module following the Wan contract of `astraea_jax.models.wan`: `embed`, `blocks`
+(one block whose parameters are stacked along a leading L axis), `head`, and the block call
 `block(x, cond, select=idx, return_lse=True)`.
 """
 
@@ -123,8 +123,8 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
     raise ValueError(f"num_selected={k} must lie in [0, N={tokens}]")
   if cache is None:
     if k != tokens:
-      raise ValueError(f"num_selected={k} < N={tokens} needs a token cache: the first step of a run "
-                       "must be dense")
+      raise ValueError(f"num_selected={k} < N={tokens} needs a token cache: the first step of a "
+                       "run must be dense")
   else:
     cache.check_compatible(layers, batch, tokens, dim, config)
 
@@ -154,12 +154,12 @@ def _dense_blocks(graphdef, params, x, cond, cache, config, block_fn):
 
   def update(c, layer, x, p):
     y, lse = block_fn(nnx.merge(graphdef, p), x, cond, None)
-    ref = summarize_inputs(x, c.proj)
+    y, ref = _read_before_write(y, summarize_inputs(x, c.proj))
     return c.replace(out=_set_layer(c.out, y, layer), in_ref=_set_layer(c.in_ref, ref, layer),
                      lse=_set_layer(c.lse, reduce_heads(lse, config.head_reduction), layer),
                      skips=_set_layer(c.skips, jnp.zeros(c.skips.shape[1:], jnp.int32), layer))
 
-  return _walk_layers(update, params, x, cache)
+  return _walk_layers(update, params, x, cache, config.inplace_input)
 
 
 def _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn):
@@ -176,36 +176,54 @@ def _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn):
     y_sel, lse_sel = block_fn(nnx.merge(graphdef, p), x, cond, idx)  # [B, S, C], [B, H, S]
     if y_sel.shape != (batch, k, x.shape[-1]):
       raise ValueError(f"block returned {y_sel.shape} for {k} selected rows of {x.shape}")
+    y_sel, ref_sel = _read_before_write(y_sel, gather_rows(current, idx))
     # Rows (layer, b, idx[b, s]) of the stacked arrays.
     at = (layer, rows_b, idx)
     skips_l = (c.skips[layer] + 1).at[rows_b, idx].set(0, unique_indices=True)  # [B, N]
     return c.replace(
         out=c.out.at[at].set(y_sel.astype(c.out.dtype), unique_indices=True),
-        in_ref=c.in_ref.at[at].set(gather_rows(current, idx).astype(c.in_ref.dtype),
-                                   unique_indices=True),
+        in_ref=c.in_ref.at[at].set(ref_sel.astype(c.in_ref.dtype), unique_indices=True),
         lse=c.lse.at[at].set(reduce_heads(lse_sel, config.head_reduction), unique_indices=True),
         skips=_set_layer(c.skips, skips_l, layer))
 
-  return _walk_layers(update, params, x, cache)
+  return _walk_layers(update, params, x, cache, config.inplace_input)
 
 
-def _walk_layers(update, params, x, cache):
+def _walk_layers(update, params, x, cache, inplace_input=True):
   """Runs `update(cache, layer, block_input, layer_params) -> cache` over the L blocks.
 
   Block l > 0 reads its input straight from the cache, `out[l - 1]`: after block l - 1 has written
   its computed rows there, that slice IS the reassembled sequence (new rows computed, the others
-  cached). Reading it in place, rather than carrying a [B, N, C] copy from block to block, saves a
-  full read and write of the activations per block. Block 0 reads the embedding, so it runs once
-  outside the loop.
+  cached). Reading it in place, rather than carrying a [B, N, C] copy from block to block
+  (`inplace_input=False`), saves a full read and write of the activations per block. Block 0 reads
+  the embedding, so it runs once outside the loop.
   """
   layers = _num_layers(params)
   cache = update(cache, 0, x, _layer_params(params, 0))
+  if inplace_input:
+    def body(layer, c):
+      return update(c, layer, c.out[layer - 1], _layer_params(params, layer))
 
-  def body(layer, c):
-    return update(c, layer, c.out[layer - 1], _layer_params(params, layer))
+    cache = jax.lax.fori_loop(1, layers, body, cache)
+    return cache.out[layers - 1], cache
 
-  cache = jax.lax.fori_loop(1, layers, body, cache)
-  return cache.out[layers - 1], cache
+  def carried(layer, carry):
+    x, c = carry
+    c = update(c, layer, x, _layer_params(params, layer))
+    return c.out[layer], c
+
+  return jax.lax.fori_loop(1, layers, carried, (cache.out[0], cache))
+
+
+def _read_before_write(y, *reads):
+  """Orders `reads` (values computed from the block input) before any use of the block output `y`.
+
+  Block l reads its input from the cache's `out[l - 1]` in place and then writes `out[l]` of the
+  same buffer. XLA updates a buffer in place only when every read of it is ordered before the write;
+  values that do not feed `y` (the input summary stored for delta) are not, and XLA would then copy
+  the whole stacked cache in every block. Tying them to `y` here gives that order.
+  """
+  return jax.lax.optimization_barrier((y, *reads))
 
 
 def _layer_params(params, layer):
@@ -295,7 +313,8 @@ class AstraeaStepModel:
     step_index = int(step_index)
     batch = latents.shape[0]
     if self.context.shape[0] != batch:
-      raise ValueError(f"context batch {self.context.shape[0]} does not match latents batch {batch}")
+      raise ValueError(f"context batch {self.context.shape[0]} does not match latents batch "
+                       f"{batch}")
     k = self.num_selected(step_index, latents.shape)
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     variant = (k, carry is not None)

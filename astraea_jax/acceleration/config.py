@@ -11,13 +11,18 @@ and leaves several details open. This module names each choice and its default:
 - `delta_norm`: delta is the L2 norm, over the hidden dim, of the change of the token's block input
   since the step in which the block last computed it. "relative" (default) divides by the L2 norm of
   that cached input, `||x - x_c|| / ||x_c||`; "absolute" does not divide.
-- `delta_mode`: how the cached input is kept. "exact" stores it (one more hidden vector per token per
-  block, i.e. twice the cache). "sketch" (default) stores a fixed Gaussian random projection of it to
-  `sketch_dim` dims (shared by all blocks, seeded by `sketch_seed`) plus its exact L2 norm:
-  `||P x - P x_c||` estimates `||x - x_c||` with relative error about `1 / sqrt(2 * sketch_dim)`
-  (Johnson-Lindenstrauss), enough to rank tokens, at `sketch_dim` floats per token instead of C.
-- `staleness_cap`: exp(n) is evaluated at `min(n, staleness_cap)` so that it stays finite in float32;
-  with the default 80 any token skipped that long outranks every LSE * delta term anyway.
+- `delta_mode`: how the cached input is kept. "exact" stores it (one more hidden vector per token
+  per block, i.e. twice the cache). "sketch" (default) stores a fixed Gaussian random projection of
+  it, `x_c P` with P `[C, sketch_dim]` (shared by all blocks and steps, seeded by `sketch_seed`):
+  `||x P - x_c P||` and `||x_c P||` estimate `||x - x_c||` and `||x_c||` (Johnson-Lindenstrauss,
+  relative error about `1 / sqrt(2 * sketch_dim)` each, ~9% at 64), enough to rank tokens (the tests
+  check rank correlation > 0.98 with the exact delta), at `sketch_dim` float32 per token instead of
+  C activations. The products run in the activation dtype with float32 accumulation.
+- `eps`: guards the division by `||x_c||`.
+- `inplace_input`: execution only (results are the same): whether block l reads its input in place
+  from the cache's output of block l - 1 (default) or from a carried copy.
+- `staleness_cap`: exp(n) is evaluated at `min(n, staleness_cap)` so that it stays finite in
+  float32; with the default 80 any token skipped that long outranks every LSE * delta term anyway.
 
 LSE is used with its sign as the formula states; with N keys it is at least `log N + mean score`,
 positive in practice at video lengths.
@@ -47,6 +52,9 @@ class AstraeaConfig:
   sketch_seed: int = 0
   staleness_cap: int = 80
   eps: float = 1e-6  # guards ||x_c|| in the relative delta
+  # Execution only, no effect on results: each block reads its input in place from the cache
+  # (True) or from a carried copy (False, one more activation read + write per block).
+  inplace_input: bool = True
 
   def __post_init__(self):
     if self.head_reduction not in _HEAD_REDUCTIONS:

@@ -1,15 +1,15 @@
 """Token budget schedules: one theta per denoising step (ASTRAEA, arXiv 2506.05096, Sec. 4).
 
-ASTRAEA computes, at denoising step t, only `k_t = round(theta_t * N)` of the N video tokens in every
-transformer block and reuses the cached block output for the rest. A `BudgetSchedule` holds the
-`theta_t` of one sampling run (50 values for Wan2.1's default 50 steps). theta = 1 is the dense model,
-theta = 0 a pure cache step. The first step is always dense because the token cache is empty before it;
-`num_selected` enforces that whatever theta_0 says.
+ASTRAEA computes, at denoising step t, only `k_t = round(theta_t * N)` of the N video tokens in
+every transformer block and reuses the cached block output for the rest. A `BudgetSchedule` holds
+the `theta_t` of one sampling run (50 values for Wan2.1's default 50 steps). theta = 1 is the dense
+model, theta = 0 a pure cache step. The first step is always dense because the token cache is empty
+before it; `num_selected` enforces that whatever theta_0 says.
 
-The paper searches the schedule with an evolutionary algorithm over theta in {0, 0.1, ..., 1} under a
-mean-budget constraint; the shapes it finds spend the budget early. `dense_then` builds the simple
-member of that family used as a baseline here ("dense for the first m steps, then theta"), and
-`dense_then_mean` picks the theta that gives a requested mean budget.
+The paper searches the schedule with an evolutionary algorithm over theta in {0, 0.1, ..., 1} under
+a mean-budget constraint (astraea_jax.search). `dense_then` builds a simple member of that space
+used as a baseline here ("dense for the first m steps, then theta"), and `dense_then_mean` picks the
+theta that gives a requested mean budget.
 
 Schedules are saved as a small JSON file:
 
@@ -31,7 +31,7 @@ _VERSION = 1
 
 
 def num_selected_tokens(theta: float, num_tokens: int) -> int:
-  """`k = round(theta * N)`, rounding halves up (not Python's round-half-even), clipped to [0, N]."""
+  """`k = round(theta * N)`, halves rounded up (not Python's half-even), clipped to [0, N]."""
   if not 0.0 <= theta <= 1.0:
     raise ValueError(f"{theta=} must lie in [0, 1]")
   if num_tokens < 1:
@@ -86,7 +86,7 @@ class BudgetSchedule:
   @classmethod
   def dense_then_mean(cls, num_steps: int, mean: float, *, dense_fraction: float = 0.2,
                       quantum: float | None = None) -> BudgetSchedule:
-    """`dense_then` with `round(dense_fraction * num_steps)` dense steps and the theta giving `mean`.
+    """`dense_then` with `round(dense_fraction * num_steps)` dense steps and mean theta `mean`.
 
     Args:
       num_steps: number of denoising steps.

@@ -69,19 +69,20 @@ class TokenCache:
     """Raises ValueError if this cache was not made for these shapes and this delta mode."""
     want = (num_layers, batch_size, num_tokens, dim)
     if tuple(self.out.shape) != want:
-      raise ValueError(f"token cache out {tuple(self.out.shape)} does not match [L, B, N, C]={want}: "
-                       "a cache belongs to one model, batch and video size")
+      raise ValueError(f"token cache out {tuple(self.out.shape)} does not match "
+                       f"[L, B, N, C]={want}: a cache belongs to one model, batch and video size")
     if self.delta_mode != config.delta_mode:
       raise ValueError(f"token cache was built with delta_mode={self.delta_mode!r}, "
                        f"config says {config.delta_mode!r}")
     ref_dim = config.sketch_dim if config.delta_mode == "sketch" else dim
     if self.in_ref.shape[-1] != ref_dim:
-      raise ValueError(f"token cache in_ref has last dim {self.in_ref.shape[-1]}, config needs {ref_dim}")
+      raise ValueError(f"token cache in_ref has last dim {self.in_ref.shape[-1]}, config needs "
+                       f"{ref_dim}")
 
 
 def cache_bytes_per_token_per_block(dim: int, config: AstraeaConfig = AstraeaConfig(),
                                     dtype=jnp.bfloat16) -> int:
-  """Cache bytes per token per block (and batch row): output + input reference + LSE + skip count."""
+  """Cache bytes per token, block and batch row: output + input reference + LSE + skip count."""
   item = jnp.dtype(dtype).itemsize
   ref = 4 * config.sketch_dim if config.delta_mode == "sketch" else item * dim
   return item * dim + ref + 4 + 4

@@ -4,13 +4,15 @@ In every block of a sparse step, token i gets the score
 
   S_i = w_a * LSE_prev_i * delta_i + w_b * exp(n_i)
 
-- `LSE_prev_i`: the token's self-attention log-sum-exp (natural log of the softmax denominator of the
-  scaled scores), reduced over heads (`AstraeaConfig.head_reduction`), from the last step in which
-  this block computed the token. Adjacent steps' LSE agree closely, so it stands in for this step's.
-- `delta_i`: the L2 change of the token's block input since that step, relative to the cached input by
-  default (`AstraeaConfig.delta_norm`), exact or estimated from a random sketch
+- `LSE_prev_i`: the token's self-attention log-sum-exp (natural log of the softmax denominator of
+  the scaled scores), reduced over heads (`AstraeaConfig.head_reduction`), from the last step in
+  which this block computed the token. Adjacent steps' LSE agree closely, so it stands in for this
+  step's.
+- `delta_i`: the L2 change of the token's block input since that step, relative to the cached input
+  by default (`AstraeaConfig.delta_norm`), exact or estimated from a random sketch
   (`AstraeaConfig.delta_mode`).
-- `n_i`: how many consecutive steps this block has skipped the token; exp(n) forces stale tokens back.
+- `n_i`: how many consecutive steps this block has skipped the token; exp(n) forces stale tokens
+  back.
 
 The k highest-scoring tokens of each batch row are computed (`select_top_k`); with classifier-free
 guidance the cond and uncond halves are separate batch rows, so each picks its own tokens.
@@ -51,8 +53,8 @@ def reduce_heads(lse: jax.Array, mode: str = "mean") -> jax.Array:
 def sketch_matrix(dim: int, sketch_dim: int, seed: int = 0, dtype=jnp.float32) -> jax.Array:
   """The fixed Gaussian projection `[C, P]`, entries N(0, 1/P), so that E||v P||^2 = ||v||^2.
 
-  Drawn in float32 from `seed` and then cast, so every block, step and run with the same seed uses the
-  same matrix. Keep it in the activations' dtype: the products then run on the matrix units with
+  Drawn in float32 from `seed` and then cast, so every block, step and run with the same seed uses
+  the same matrix. Keep it in the activations' dtype: the products then run on the matrix units with
   float32 accumulation, and the cast only changes which fixed matrix is used.
   """
   if dim < 1 or sketch_dim < 1:
