@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_BUDGET = 0.5
@@ -124,7 +123,6 @@ def run(argv: list[str] | None = None) -> int:
 
   from astraea_jax import metrics, video  # pylint: disable=import-outside-toplevel
   from astraea_jax.acceleration import BudgetSchedule  # pylint: disable=import-outside-toplevel
-  from astraea_jax.pipeline import GenerationConfig  # pylint: disable=import-outside-toplevel
 
   prompts = _prompts(args)
   if args.model == "default":

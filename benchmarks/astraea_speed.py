@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -50,14 +49,12 @@ from astraea_jax.acceleration.astraea import (
 from astraea_jax.acceleration.config import AstraeaConfig
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
-from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
+from astraea_jax.models.wan import WanConfig
+from benchutil import RESULTS as _RESULTS, build_state, device_slug  # noqa: E402  (script dir)
 
-_RESULTS = Path(__file__).resolve().parent / "results"
 _DIFFUSERS_MS = 623.0  # diffusers 0.42.1 + PyTorch 2.11, bf16, batch 1, H100 (../shared/DESIGN.md)
 
 
-def device_slug() -> str:
-  return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
 
 def peak_bytes() -> int | None:
@@ -72,15 +69,6 @@ def gib(b) -> float | None:
   return None if b is None else b / 2**30
 
 
-def build_state(config: WanConfig):
-  """graphdef and random parameters initialised on the device (no host copy of the weights)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0))))
-
-  @jax.jit
-  def init():
-    return nnx.split(WanTransformer3DModel(config, rngs=nnx.Rngs(0)))[1]
-
-  return graphdef, init()
 
 
 class Timer:

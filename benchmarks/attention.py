@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -44,13 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from benchutil import RESULTS as _RESULTS, device_slug  # noqa: E402  (script dir)
 
-_RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_slug() -> str:
-  kind = jax.devices()[0].device_kind
-  return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
 def time_jax(fn, args, *, iters: int, repeats: int) -> float:

@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -34,13 +33,10 @@ from flax import nnx
 
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
+from benchutil import RESULTS as _RESULTS, build_state, device_slug  # noqa: E402  (script dir)
 
-_RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_slug() -> str:
-  kind = jax.devices()[0].device_kind
-  return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
 def flops(config: WanConfig, batch: int, n: int, m: int) -> float:
@@ -86,15 +82,6 @@ def available_attention() -> list[str]:
   return impls
 
 
-def build_state(config: WanConfig):
-  """graphdef and parameters initialised on the device (no host copy of the weights)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0))))
-
-  @jax.jit
-  def init():
-    return nnx.split(WanTransformer3DModel(config, rngs=nnx.Rngs(0)))[1]
-
-  return graphdef, init()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,32 @@
+"""Pieces every GPU benchmark shares: the results folder, the device's name, random Wan weights on device.
+
+Benchmarks run as scripts (`PYTHONPATH=. python3 benchmarks/NAME.py`), so this sits beside them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_slug() -> str:
+  """The first device's kind as a file-name part, e.g. `nvidia-h100-80gb-hbm3`."""
+  return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
+
+
+def build_state(config: WanConfig):
+  """graphdef and random parameters initialised on the device (no host copy of the weights)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0))))
+
+  @jax.jit
+  def init():
+    return nnx.split(WanTransformer3DModel(config, rngs=nnx.Rngs(0)))[1]
+
+  return graphdef, init()
