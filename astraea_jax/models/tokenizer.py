@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["UMT5Tokenizer", "prompt_clean"]
+__all__ = ["UMT5Tokenizer", "check_prompts", "prompt_clean"]
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -28,6 +28,20 @@ def prompt_clean(text: str) -> str:
   """Wan's prompt cleaning: unescape HTML entities (twice, as Wan does), collapse whitespace."""
   text = html.unescape(html.unescape(text)).strip()
   return _WHITESPACE.sub(" ", text).strip()
+
+
+def check_prompts(prompts: str | Sequence[str], max_length: int) -> tuple[list[str], int]:
+  """The shared argument checks of the tokenizers: a string or a non-empty list of strings, and a
+  text length with room for a token and `</s>`."""
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if not all(isinstance(p, str) for p in prompts):
+    raise TypeError("prompts must be a string or a sequence of strings")
+  if not prompts:
+    raise ValueError("no prompts given")
+  if max_length < 2:
+    raise ValueError(f"max_length={max_length} must leave room for a token and </s>")
+  return list(prompts), max_length
 
 
 def _resolve(path: str | os.PathLike) -> str:
@@ -96,15 +110,7 @@ class UMT5Tokenizer:
     Returns:
       `input_ids [B, M]` and `attention_mask [B, M]`, int32 (1 for real tokens, 0 for padding).
     """
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if not all(isinstance(p, str) for p in prompts):
-      raise TypeError("prompts must be a string or a sequence of strings")
-    if not prompts:
-      raise ValueError("no prompts given")
-    m = self.max_length if max_length is None else max_length
-    if m < 2:
-      raise ValueError(f"max_length={m} must leave room for a token and </s>")
+    prompts, m = check_prompts(prompts, self.max_length if max_length is None else max_length)
     texts = [prompt_clean(p) for p in prompts] if clean else list(prompts)
     # The library truncates the text and keeps the closing </s>, like transformers' `truncation`.
     self._tokenizer.enable_truncation(max_length=m)

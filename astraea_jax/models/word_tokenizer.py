@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astraea_jax.models.tokenizer import prompt_clean
+from astraea_jax.models.tokenizer import check_prompts, prompt_clean
 
 __all__ = ["SPECIAL_TOKENS", "WordTokenizer"]
 
@@ -82,15 +82,7 @@ class WordTokenizer:
     Returns:
       `input_ids [B, M]` and `attention_mask [B, M]`, int32 (1 for the words and `</s>`).
     """
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if not all(isinstance(p, str) for p in prompts):
-      raise TypeError("prompts must be a string or a sequence of strings")
-    if not prompts:
-      raise ValueError("no prompts given")
-    m = self.max_length if max_length is None else max_length
-    if m < 2:
-      raise ValueError(f"max_length={m} must leave room for a token and </s>")
+    prompts, m = check_prompts(prompts, self.max_length if max_length is None else max_length)
     ids = np.full((len(prompts), m), self.pad_token_id, np.int32)  # [B, M]
     mask = np.zeros((len(prompts), m), np.int32)  # [B, M]
     unknown: list[str] = []
