@@ -129,6 +129,8 @@ class WanPipeline:
     fps: frame rate of written videos.
     defaults: the request a bare `generate` makes of this model (size, frames, steps, guidance).
     default_prompt: the prompt of a bare `generate` (None: a prompt is required).
+    prediction: what the transformer outputs, "velocity" (Wan2.1) or "x0"
+      (`astraea_jax.models.prediction`).
   """
 
   name: str
@@ -141,6 +143,7 @@ class WanPipeline:
   fps: int = 16
   defaults: GenerationConfig = GenerationConfig()
   default_prompt: str | None = None
+  prediction: str = "velocity"
 
   def latent_shape(self, cfg: GenerationConfig) -> tuple[int, int, int, int]:
     """`(C, T, Y, X)` of the latents for a request; GenerationError if the model cannot take it."""
@@ -195,7 +198,7 @@ class WanPipeline:
     else:
       step_model = AstraeaStepModel(self.transformer, schedule, context, config=astraea)
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=cfg.guidance,
-                                progress=progress)
+                                progress=progress, prediction=self.prediction)
 
     start = time.perf_counter()
     video = jax.block_until_ready(self.decode(latents))  # [B, 3, F, H, W]

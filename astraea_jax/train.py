@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from astraea_jax.data import clips
 from astraea_jax.models.small_text_encoder import (PREDICTIONS, SmallVideoConfig, SmallVideoModel,
-                                                   save_small_model)
+                                                   load_small_model, save_small_model)
 from astraea_jax.models.word_tokenizer import WordTokenizer
 
 __all__ = ["Batch", "TrainConfig", "TrainState", "Trainer", "flow_matching_loss", "host_batch",
@@ -379,7 +379,8 @@ class Trainer:
     resume: continue from the latest checkpoint in `out_dir` if there is one.
   """
 
-  def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False):
+  def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+               init_from: str | os.PathLike | None = None):
     _data_mesh(config)  # device and batch errors before anything is written
     self.out = Path(out_dir).absolute()
     self.out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +409,25 @@ class Trainer:
     self.state = init()
     if latest is not None:
       self._restore(latest)
+    elif init_from is not None:
+      self._warm_start(init_from)
     self._step_fn, self._loss_fn = _step_functions(config, self.graphdef, self.mesh)
+
+  def _warm_start(self, path: str | os.PathLike) -> None:
+    # Parameters and EMA from an exported model; fresh optimizer moments and schedule. This lets a
+    # run continue on a new machine from the exported EMA weights (28 MB) instead of the resumable
+    # checkpoint with its Adam state (~200 MB).
+    model, _ = load_small_model(path)
+    if model.config.to_dict() != self.model_config.replace(
+        wan={"dtype": "float32", "param_dtype": "float32"},
+        text={"dtype": "float32", "param_dtype": "float32"}).to_dict():
+      raise ValueError(f"{str(path)!r} holds a model of another configuration than preset "
+                       f"{self.config.preset!r}")
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                          pure, self.state.params)
+    ema = jax.tree.map(jnp.copy, params)
+    self.state = self.state.replace(params=params, ema=ema)
 
   # -- configuration ---------------------------------------------------------------------------
 
@@ -572,6 +591,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="run folder (checkpoints/, model/, train_log.jsonl)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out (if any)")
+  p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                 help="start a new run from an exported model's weights (fresh optimizer state)")
   p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                  help="save and exit before this many seconds have passed since start")
   p.add_argument("--log-every", type=int, default=50, help="steps between loss readouts")
@@ -629,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
     config = _config_from_args(args, out)
-    trainer = Trainer(config, out, resume=args.resume)
+    trainer = Trainer(config, out, resume=args.resume, init_from=args.init_from)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -189,3 +189,26 @@ def test_errors():
   with pytest.raises(TypeError, match="floating"):
     denoise(plain_step_model, jnp.zeros(SHAPE, jnp.int32), scheduler, state, guidance_scale=1.0,
             progress=False)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_x0_prediction_equals_the_velocity_it_implies(guidance):
+  # A model that predicts x0 = x_t - sigma v must sample exactly as the velocity model v
+  # (sigma >= X0_MIN_SIGMA at every step of a 6-step schedule with shift 3).
+  scheduler = FlowUniPCScheduler(FlowUniPCConfig(shift=3.0))
+  state = scheduler.set_timesteps(6)
+  assert float(np.min(state.timesteps)) / 1000.0 >= 0.05
+
+  def x0_model(x, timestep, carry, step_index):
+    del step_index
+    sigma = (timestep / 1000.0)[:, None, None, None, None]
+    return x - sigma * toy_velocity(x, timestep), carry
+
+  want, _, _ = denoise(plain_step_model, noise(), scheduler, state, guidance_scale=guidance,
+                       progress=False)
+  got, _, _ = denoise(x0_model, noise(), scheduler, state, guidance_scale=guidance,
+                      progress=False, prediction="x0")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="prediction"):
+    denoise(plain_step_model, noise(), scheduler, state, guidance_scale=guidance,
+            progress=False, prediction="epsilon")

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import checkpoint
+from astraea_jax.models.prediction import PREDICTIONS, X0_MIN_SIGMA, output_to_velocity
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel, layer_norm
 from astraea_jax.models.word_tokenizer import WordTokenizer
 
@@ -53,10 +54,6 @@ __all__ = [
 
 F32 = jnp.float32
 FAMILY = "small_t2v"
-PREDICTIONS = ("velocity", "x0")
-# Floor of sigma when an x0 prediction becomes a velocity, so that near-clean inputs do not divide
-# by ~0 (training never weights sigma < 0.05 more than this; samplers never evaluate sigma = 0).
-X0_MIN_SIGMA = 0.05
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -295,22 +292,6 @@ class SmallVideoModel(nnx.Module):
     """The flow-matching velocity `[B, 3, T, Y, X]` fp32, whatever the transformer predicts."""
     out = self.transformer(videos, timestep, self.encode_text(input_ids, attention_mask))
     return output_to_velocity(out, videos, timestep, self.config.prediction)
-
-
-def output_to_velocity(out: jax.Array, x_t: jax.Array, timestep: jax.Array,
-                       prediction: str) -> jax.Array:
-  """The velocity of a transformer output: `out` itself ("velocity"), or for "x0"
-  `(x_t - out) / max(timestep / 1000, X0_MIN_SIGMA)`.
-
-  out, x_t: `[B, C, T, Y, X]`; timestep: `[B]` (or a scalar), `1000 sigma` as the samplers feed it.
-  """
-  if prediction == "velocity":
-    return out
-  if prediction != "x0":
-    raise ValueError(f"prediction={prediction!r} must be one of {PREDICTIONS}")
-  sigma = jnp.broadcast_to(jnp.asarray(timestep, F32) / 1000.0, (x_t.shape[0],))
-  s = jnp.maximum(sigma, X0_MIN_SIGMA)[:, None, None, None, None]
-  return (x_t.astype(F32) - out.astype(F32)) / s
 
 
 def encode_prompts(model: SmallVideoModel, tokenizer: WordTokenizer,

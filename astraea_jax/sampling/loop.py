@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from astraea_jax.models.prediction import PREDICTIONS, output_to_velocity
 from astraea_jax.sampling.schedulers import FlowScheduler, SchedulerState
 
 __all__ = ["DenoiseStats", "StepModel", "denoise"]
@@ -103,16 +104,20 @@ def _model_inputs(latents: jax.Array, timestep: jax.Array, *, use_cfg: bool):
   return batch, jnp.broadcast_to(timestep, (batch.shape[0],))
 
 
-@functools.partial(jax.jit, static_argnames=("scheduler", "use_cfg"),
+@functools.partial(jax.jit, static_argnames=("scheduler", "use_cfg", "prediction"),
                    donate_argnames=("history",))
 def _guided_step(latents: jax.Array, history: Any, model_output: jax.Array,
-                 schedule: SchedulerState, step_index: jax.Array, guidance: jax.Array, *,
-                 scheduler: FlowScheduler, use_cfg: bool):
+                 schedule: SchedulerState, step_index: jax.Array, guidance: jax.Array,
+                 timestep: jax.Array, *, scheduler: FlowScheduler, use_cfg: bool,
+                 prediction: str):
   if use_cfg:
     cond, uncond = jnp.split(model_output.astype(jnp.float32), 2, axis=0)  # [B, ...] each
-    velocity = uncond + guidance * (cond - uncond)
+    guided = uncond + guidance * (cond - uncond)
   else:
-    velocity = model_output
+    guided = model_output
+  # Guidance is linear and x0 = x_t - sigma v is affine in v at fixed (x_t, sigma), so guiding the
+  # x0 predictions and then converting equals converting and then guiding.
+  velocity = output_to_velocity(guided, latents, timestep, prediction)
   state = dataclasses.replace(schedule, history=history)
   latents, state = scheduler.step(state, velocity, step_index, latents)
   return latents, state.history
@@ -120,7 +125,8 @@ def _guided_step(latents: jax.Array, history: Any, model_output: jax.Array,
 
 def denoise(step_model: StepModel, latents: jax.Array, scheduler: FlowScheduler,
             scheduler_state: SchedulerState, *, guidance_scale: float, carry: Any = None,
-            progress: bool = True) -> tuple[jax.Array, Any, DenoiseStats]:
+            progress: bool = True, prediction: str = "velocity"
+            ) -> tuple[jax.Array, Any, DenoiseStats]:
   """Runs every step of `scheduler_state` from the initial noise `latents`.
 
   Args:
@@ -133,6 +139,8 @@ def denoise(step_model: StepModel, latents: jax.Array, scheduler: FlowScheduler,
     guidance_scale: g in `uncond + g * (cond - uncond)`; exactly 1 runs the conditional half only.
     carry: the step model's initial carry (e.g. None for an empty token cache).
     progress: show a tqdm progress bar.
+    prediction: what the model outputs: "velocity" (Wan2.1, `noise - x0`) or "x0" (the clean
+      sample, converted by `astraea_jax.models.prediction.output_to_velocity`).
 
   Returns:
     (final latents in the input dtype, the last carry, per-step `DenoiseStats`).
@@ -141,6 +149,8 @@ def denoise(step_model: StepModel, latents: jax.Array, scheduler: FlowScheduler,
     raise ValueError(f"{guidance_scale=} must be a finite number")
   if not jnp.issubdtype(latents.dtype, jnp.floating):
     raise TypeError(f"latents must be floating point, got {latents.dtype}")
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"{prediction=} must be one of {PREDICTIONS}")
   use_cfg = float(guidance_scale) != 1.0
   guidance = jnp.asarray(guidance_scale, jnp.float32)
   timesteps = np.asarray(scheduler_state.timesteps, np.float32)
@@ -160,7 +170,8 @@ def denoise(step_model: StepModel, latents: jax.Array, scheduler: FlowScheduler,
           raise ValueError(f"step_model returned shape {tuple(model_output.shape)} for latents of "
                            f"shape {tuple(batch.shape)} at step {i}")
         latents, history = _guided_step(latents, history, model_output, schedule, jnp.int32(i),
-                                        guidance, scheduler=scheduler, use_cfg=use_cfg)
+                                        guidance, jnp.float32(t), scheduler=scheduler,
+                                        use_cfg=use_cfg, prediction=prediction)
         jax.block_until_ready((latents, carry))
         elapsed = time.perf_counter() - start
       step_seconds.append(elapsed)
