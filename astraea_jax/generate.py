@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
              "partial output file is left.")
   g = p.add_argument_group("model and prompts")
   g.add_argument("--model", default="default",
-                 help="'default' (embedded model) or a folder of converted Wan2.1 components "
-                      "(transformer/, text_encoder/, vae/, tokenizer/)")
+                 help="'default' (embedded model), a Wan2.1-T2V folder as released (diffusers or "
+                      "original layout, converted in memory at start) or one converted by "
+                      "`python -m checkpoints_convert wan_t2v`")
   g.add_argument("--prompt", default=None, help="the text prompt")
   g.add_argument("--prompt-file", type=Path, default=None,
                  help="a UTF-8 text file with one prompt per line (a batch; blank lines ignored)")
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
   g.add_argument("--shift", type=float, default=None, help="flow shift of the sigma schedule")
   g.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-  g.add_argument("--sigma-schedule", choices=("diffusers", "wan"), default="diffusers",
-                 help="diffusers' flow sigmas or the original Wan repository's")
+  g.add_argument("--sigma-schedule", choices=("diffusers", "wan"), default=None,
+                 help="diffusers' flow sigmas or the original Wan repository's (default: the "
+                      "model folder's; 'wan' for an original-layout release)")
   g.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
   g = p.add_argument_group("acceleration (pick one; default --budget 0.5)")
   m = g.add_mutually_exclusive_group()
@@ -129,8 +131,7 @@ def run(argv: list[str] | None = None) -> int:
     from astraea_jax.default_model import load_default_pipeline  # pylint: disable=import-outside-toplevel
     pipe = load_default_pipeline()
   else:
-    from astraea_jax.pipelines import load_wan_pipeline  # pylint: disable=import-outside-toplevel
-    pipe = load_wan_pipeline(args.model)
+    pipe = _load_folder(args.model)
   if prompts is None:
     if pipe.default_prompt is None:
       raise ValueError("give --prompt or --prompt-file")
@@ -141,11 +142,11 @@ def run(argv: list[str] | None = None) -> int:
 
   overrides = {k: v for k, v in dict(
       frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
-      negative_prompt=args.negative_prompt).items() if v is not None}
+      negative_prompt=args.negative_prompt, sigma_schedule=args.sigma_schedule).items()
+      if v is not None}
   if args.size is not None:
     overrides["width"], overrides["height"] = args.size
-  cfg = dataclasses.replace(pipe.defaults, seed=args.seed, sigma_schedule=args.sigma_schedule,
-                            solver=args.solver, **overrides)
+  cfg = dataclasses.replace(pipe.defaults, seed=args.seed, solver=args.solver, **overrides)
   pipe.latent_shape(cfg)  # validate size and frames before loading anything else
 
   if args.dense:
@@ -202,6 +203,23 @@ def run(argv: list[str] | None = None) -> int:
           f"speedup {speedup:.2f}x (denoising, compile time excluded) | PSNR {p:.2f} dB, "
           f"SSIM {s:.4f} vs dense")
   return 0
+
+
+def _load_folder(path: str):
+  """A converted folder through the library; a release folder through its converter, in memory."""
+  from astraea_jax.pipelines import folder_kind, load_wan_pipeline  # pylint: disable=import-outside-toplevel
+
+  if folder_kind(path) == "converted":
+    return load_wan_pipeline(path)
+  from checkpoints_convert.common import CheckpointError  # pylint: disable=import-outside-toplevel
+  from checkpoints_convert.wan_t2v import load_pipeline  # pylint: disable=import-outside-toplevel
+
+  print(f"converting {path} in memory (convert once with `python -m checkpoints_convert wan_t2v` "
+        "to start faster)", file=sys.stderr)
+  try:
+    return load_pipeline(path)
+  except CheckpointError as e:
+    raise ValueError(str(e)) from None
 
 
 def _compute_seconds(stats) -> float:

@@ -168,8 +168,13 @@ class WanPipeline:
 
   def generate(self, prompts: Sequence[str], cfg: GenerationConfig, *,
                schedule: BudgetSchedule | None = None,
-               astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True) -> GenerationResult:
-    """Generates one video per prompt (a batch), dense or with a token-budget schedule."""
+               astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True,
+               noise: jax.Array | np.ndarray | None = None) -> GenerationResult:
+    """Generates one video per prompt (a batch), dense or with a token-budget schedule.
+
+    `noise` `[B, C, T, Y, X]` replaces the initial latents drawn from `cfg.seed` (e.g. to reproduce
+    another implementation's run from the same starting point).
+    """
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
       raise GenerationError("every prompt must be a non-empty string")
@@ -191,7 +196,12 @@ class WanPipeline:
         sigma_schedule=cfg.sigma_schedule, shift=shift)
     scheduler = make_scheduler(sched_cfg)
     state = scheduler.set_timesteps(cfg.steps)
-    noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
+    if noise is None:
+      noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
+    elif tuple(noise.shape) != (b, c, t, y, x):
+      raise GenerationError(f"noise of shape {tuple(noise.shape)} does not fit the request's "
+                            f"latents {(b, c, t, y, x)}")
+    noise = jnp.asarray(noise, jnp.float32)
 
     if schedule is None:
       step_model: Any = DenseStepModel(self.transformer, context)

@@ -53,13 +53,41 @@ def _run(pipe, cfg, schedule):
   return result, time.perf_counter() - start
 
 
+def plot(record: dict, path: Path) -> None:
+  """PSNR against measured speedup, one point per budget (needs matplotlib: the `bench` extra)."""
+  summary = record["summary"]
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("matplotlib not installed: no plot", file=sys.stderr)
+    return
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([s["speedup"] for s in summary], [s["psnr"] for s in summary], "o-")
+  for s in summary:
+    ax.annotate(f"{s['budget']:.1f}", (s["speedup"], s["psnr"]), textcoords="offset points",
+                xytext=(4, 4))
+  ax.set_xlabel(f"speedup of the denoising loop over dense ({record['device']})")
+  ax.set_ylabel("PSNR vs dense (dB)")
+  ax.set_title("ASTRAEA uniform budgets, default model")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.4, 0.3])
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--steps", type=int, default=None, help="default: the model's (20)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+  p.add_argument("--plot-from", type=Path, default=None,
+                  help="only draw the plot of an existing results JSON (beside it, .png)")
   args = p.parse_args(argv)
+  if args.plot_from is not None:
+    plot(json.loads(args.plot_from.read_text()), args.plot_from.with_suffix(".png"))
+    return 0
 
   pipe = load_default_pipeline()
   base = pipe.defaults if args.steps is None else dataclasses.replace(pipe.defaults,
@@ -98,23 +126,7 @@ def main(argv=None) -> int:
       "timing": "denoising loop of the whole prompt batch, after a compiling warm-up run",
       "summary": summary, "runs": rows}
   out.write_text(json.dumps(record, indent=2) + "\n")
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([s["speedup"] for s in summary], [s["psnr"] for s in summary], "o-")
-    for s in summary:
-      ax.annotate(f"{s['budget']:.1f}", (s["speedup"], s["psnr"]), textcoords="offset points",
-                  xytext=(4, 4))
-    ax.set_xlabel(f"speedup of the denoising loop over dense ({record['device']})")
-    ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title("ASTRAEA uniform budgets, default model")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-  except ImportError:
-    print("matplotlib not installed: no plot", file=sys.stderr)
+  plot(record, out.with_suffix(".png"))
   print("budget  PSNR(dB)  SSIM    speedup")
   for s in summary:
     print(f"{s['budget']:6.1f}  {s['psnr']:8.2f}  {s['ssim']:.4f}  {s['speedup']:6.2f}x")

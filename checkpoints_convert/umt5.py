@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import checkpoint
-from astraea_jax.models.umt5 import UMT5Config, UMT5Encoder
+from astraea_jax.models.umt5 import PRESETS, UMT5Config, UMT5Encoder
 from checkpoints_convert import pth_io, safetensors_io
 from checkpoints_convert.common import (CheckpointError, ParamTree, atomic_output_dir,
                                         check_all_used, format_keys, parse_dtype)
@@ -108,8 +108,12 @@ def hf_to_wan_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def infer_wan_config(state: Mapping[str, np.ndarray], *,
-                     max_distance: int = _WAN_MAX_DISTANCE) -> UMT5Config:
-  """Reads the architecture off the shapes of a Wan `T5Encoder` state dict."""
+                     max_distance: int | None = None) -> UMT5Config:
+  """Reads the architecture off the shapes of a Wan `T5Encoder` state dict.
+
+  The relative-position max distance leaves no trace in the weights: `max_distance` if given, else
+  that of the preset with exactly these shapes, else Wan's 128.
+  """
   try:
     vocab, d_model = state["token_embedding.weight"].shape
     inner = state["blocks.0.attn.q.weight"].shape[0]
@@ -120,9 +124,15 @@ def infer_wan_config(state: Mapping[str, np.ndarray], *,
   layers = {int(m.group(1)) for k in state if (m := _WAN_BLOCK_KEY.fullmatch(k))}
   if inner % num_heads:
     raise CheckpointError(f"attention width {inner} is not a multiple of {num_heads} heads")
-  return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // num_heads, num_heads=num_heads,
-                    d_ff=d_ff, num_layers=len(layers), relative_attention_num_buckets=num_buckets,
-                    relative_attention_max_distance=max_distance)
+  config = UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // num_heads,
+                      num_heads=num_heads, d_ff=d_ff, num_layers=len(layers),
+                      relative_attention_num_buckets=num_buckets,
+                      relative_attention_max_distance=max_distance or _WAN_MAX_DISTANCE)
+  if max_distance is None:
+    for preset in PRESETS.values():
+      if dataclasses.replace(preset, relative_attention_max_distance=_WAN_MAX_DISTANCE) == config:
+        return preset
+  return config
 
 
 def expected_params(config: UMT5Config, dtype: np.dtype) -> dict[str, tuple[tuple[int, ...], Any]]:

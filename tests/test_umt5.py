@@ -119,8 +119,10 @@ def test_wan_config_inferred_from_shapes():
   _, state = convert_umt5.load_source(WAN_PTH, config="tiny")
   inferred = convert_umt5.infer_wan_config(state, max_distance=16)
   assert inferred == umt5.UMT5Config.preset("tiny")
-  # Without an override, Wan's own max distance.
-  assert convert_umt5.infer_wan_config(state).relative_attention_max_distance == 128
+  # Without an override: the preset of these shapes, else Wan's own max distance (128).
+  assert convert_umt5.infer_wan_config(state) == umt5.UMT5Config.preset("tiny")
+  wider = dict(state, **{"token_embedding.weight": np.zeros((64, 40), np.float32)})
+  assert convert_umt5.infer_wan_config(wider).relative_attention_max_distance == 128
 
 
 def test_tokenizer_matches_transformers(golden, prompts):

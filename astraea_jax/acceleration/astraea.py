@@ -265,12 +265,15 @@ def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, c
                          config=config, block_fn=block_fn)
 
 
+@functools.lru_cache(maxsize=32)
 def jit_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(),
                      block_fn: BlockFn = compute_block):
   """`astraea_forward` jitted over a split model, the cache donated, `num_selected` static.
 
   Returns `step(state, latents, timestep, context, cache, *, num_selected) -> (out, cache)` where
   `graphdef, state = nnx.split(model)`. The donated cache is updated in place: do not reuse it.
+  One jitted function per (graphdef, config, block_fn), so that later runs of the same model (a
+  batch of requests, `--compare-dense`, a search) reuse its compiled programs.
   """
   return jax.jit(functools.partial(_step, graphdef, config=config, block_fn=block_fn),
                  static_argnames=("num_selected",), donate_argnames=("cache",))
