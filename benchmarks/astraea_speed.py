@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dense-fraction", type=float, default=0.2)
   parser.add_argument("--no-dense-first", action="store_true",
                       help="skip the 'dense first, then theta' schedules")
+  parser.add_argument("--schedule", type=Path, nargs="*", default=[],
+                      help="also time these schedule JSON files (e.g. from python -m "
+                           "astraea_jax.search); a schedule of another step count is stretched "
+                           "to --steps (step i takes the theta of step floor(i * S / steps))")
+  parser.add_argument("--selection", default="sort", choices=["sort", "radix"],
+                      help="top-k method of the main runs; the selection-only probe times both")
   parser.add_argument("--delta-mode", default="sketch", choices=["sketch", "exact"])
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--time-limit", type=float, default=480.0,
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   timer = Timer(args.runs, t_start + args.time_limit)
 
   config = WanConfig.preset(args.preset)
-  acfg = AstraeaConfig(delta_mode=args.delta_mode)
+  acfg = AstraeaConfig(delta_mode=args.delta_mode, selection=args.selection)
   t, y, x = args.latent
   b, m = args.batch, args.text_tokens
   n = num_video_tokens(config.patch_size, (b, config.in_channels, t, y, x))
@@ -150,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
       s = BudgetSchedule.dense_then_mean(args.steps, budget, dense_fraction=args.dense_fraction)
       schedules[f"dense {args.dense_fraction:.0%} then {s.thetas[-1]:g} (mean {budget:g})"] = s
+  for path in args.schedule:
+    loaded = BudgetSchedule.load(path)
+    stretched = [loaded.thetas[i * len(loaded) // args.steps] for i in range(args.steps)]
+    schedules[f"{path.stem} (mean {loaded.mean:.2f})"] = BudgetSchedule(
+        tuple(stretched), name=loaded.name)
   # Most telling first (the smallest budget), in case the time limit cuts the list short.
   sparse_ks = []
   for s in sorted(schedules.values(), key=lambda s: s.mean):
@@ -246,6 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     compiled, cs, temp = timer.compile(probe, *fixed, cache, num_selected=k)
     times, out, cache = timer.time_chain(compiled, fixed, cache)
     record(f"selection only k={k}", k, times, cs, temp)
+  # The other top-k method, same probe (the selected set is the same; only its cost differs).
+  other = "radix" if args.selection == "sort" else "sort"
+  probe_other = jit_astraea_step(graphdef, config=dataclasses.replace(acfg, selection=other),
+                                 block_fn=selection_only_block)
+  for k in sparse_ks:
+    if timer.out_of_time():
+      break
+    compiled, cs, temp = timer.compile(probe_other, *fixed, cache, num_selected=k)
+    times, out, cache = timer.time_chain(compiled, fixed, cache)
+    record(f"selection only ({other}) k={k}", k, times, cs, temp)
 
   # 4. Loop totals: the sum over the steps of each step's per-k time.
   def step_ms(i, k):

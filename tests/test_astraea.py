@@ -238,6 +238,20 @@ def test_carried_input_matches_in_place_input(model):
     _assert_close(getattr(cache_a, name), getattr(cache_b, name), rtol=1e-6)
 
 
+def test_radix_selection_matches_sort_selection(model):
+  # The top-k method changes only the order of the selected rows, not the result.
+  (s0, s1, s2), context = _steps(seed=10)
+  results = []
+  for selection in ("sort", "radix"):
+    config = AstraeaConfig(selection=selection)
+    _, cache = _forward(model, s0[0], s0[1], context, None, N, config)
+    _, cache = _forward(model, s1[0], s1[1], context, cache, 5, config)
+    results.append(_forward(model, s2[0], s2[1], context, cache, 3, config))
+  (out_a, cache_a), (out_b, cache_b) = results
+  _assert_close(out_a, out_b, rtol=1e-6)
+  np.testing.assert_array_equal(cache_a.skips, cache_b.skips)
+
+
 def test_step_model_in_the_denoising_loop(model):
   # With guidance the loop batches [cond; uncond] rows: the context is laid out the same way.
 

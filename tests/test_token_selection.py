@@ -143,6 +143,23 @@ def test_select_top_k_matches_numpy():
       select_top_k(jnp.asarray(scores), k)
 
 
+@pytest.mark.parametrize("shape, k", [((3, 50), 17), ((2, 1000), 400), ((1, 7), 7), ((2, 33), 1)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
+def test_radix_select_picks_the_top_k_set(shape, k, kind):
+  rng = np.random.default_rng(k)
+  scores = rng.normal(size=shape).astype(np.float32)
+  if kind == "ties":
+    scores = np.round(scores * 2) / 2  # many equal scores: ties go to the lower index
+  elif kind == "signed_zeros":
+    scores = -np.abs(scores)
+    scores[:, ::3], scores[:, 1::5] = 0.0, -0.0
+  want = np.asarray(select_top_k(jnp.asarray(scores), k))
+  got = np.asarray(select_top_k(jnp.asarray(scores), k, method="radix"))
+  assert got.shape == want.shape and got.dtype == np.int32
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, np.sort(w))  # the same set, in ascending index order
+
+
 def test_gather_and_scatter_rows():
   rng = np.random.default_rng(7)
   base = rng.normal(size=(2, 9, 3)).astype(np.float32)

@@ -172,7 +172,7 @@ def _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn):
     current = summarize_inputs(x, c.proj)  # [B, N, P or C]
     delta = input_change(current, c.in_ref[layer], relative=relative, eps=config.eps)  # [B, N]
     scores = token_scores(c.lse[layer], delta, c.skips[layer], config)  # [B, N]
-    idx = select_top_k(scores, k)  # [B, S]
+    idx = select_top_k(scores, k, method=config.selection)  # [B, S]
     y_sel, lse_sel = block_fn(nnx.merge(graphdef, p), x, cond, idx)  # [B, S, C], [B, H, S]
     if y_sel.shape != (batch, k, x.shape[-1]):
       raise ValueError(f"block returned {y_sel.shape} for {k} selected rows of {x.shape}")

@@ -55,6 +55,9 @@ class AstraeaConfig:
   # Execution only, no effect on results: each block reads its input in place from the cache
   # (True) or from a carried copy (False, one more activation read + write per block).
   inplace_input: bool = True
+  # Execution only: how the top-k set is found, "sort" (`lax.top_k`) or "radix" (a radix select
+  # without sorting); both give the same set (`token_selection.select_top_k`).
+  selection: str = "sort"
 
   def __post_init__(self):
     if self.head_reduction not in _HEAD_REDUCTIONS:
@@ -63,6 +66,8 @@ class AstraeaConfig:
       raise ValueError(f"{self.delta_norm=} must be one of {_DELTA_NORMS}")
     if self.delta_mode not in _DELTA_MODES:
       raise ValueError(f"{self.delta_mode=} must be one of {_DELTA_MODES}")
+    if self.selection not in ("sort", "radix"):
+      raise ValueError(f"{self.selection=} must be 'sort' or 'radix'")
     if self.sketch_dim < 1:
       raise ValueError(f"{self.sketch_dim=} must be positive")
     if not 0 <= self.staleness_cap <= 88:

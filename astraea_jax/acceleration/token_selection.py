@@ -116,18 +116,73 @@ def token_scores(lse: jax.Array, delta: jax.Array, skips: jax.Array,
           + np.float32(config.w_b) * jnp.exp(n))
 
 
-def select_top_k(scores: jax.Array, k: int) -> jax.Array:
+def _top_k_sort(scores: jax.Array, k: int) -> jax.Array:
+  # XLA sorts whole rows for large k.
+  return jax.lax.top_k(scores, k)[1]
+
+
+def _sortable_keys(scores: jax.Array) -> jax.Array:
+  """float32 -> uint32 keys in the same order (negative floats have their bits flipped)."""
+  u = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+  return jnp.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000))
+
+
+def _top_k_radix(scores: jax.Array, k: int) -> jax.Array:
+  """Radix select: the k-th largest key digit by digit (4 passes of 8 bits), then one compaction.
+
+  Each pass counts the still-matching keys per 8-bit digit (a `[B, N, 256]` comparison reduced
+  over N, which XLA fuses into one read of the keys) and fixes the digit of the k-th largest key.
+  The selected set then is every key above it plus the lowest-index keys equal to it, compacted
+  by a prefix sum: the same set as `jax.lax.top_k` (ties to the lower index), in ascending index
+  order, without sorting.
+  """
+  key = _sortable_keys(scores)  # [B, N]
+  batch, tokens = key.shape
+  prefix = jnp.zeros((batch,), jnp.uint32)
+  known = np.uint32(0)
+  remaining = jnp.full((batch,), k, jnp.int32)
+  digits = jnp.arange(256, dtype=jnp.uint32)
+  for shift in (24, 16, 8, 0):
+    match = (key & known) == prefix[:, None]  # [B, N]
+    digit = (key >> np.uint32(shift)) & np.uint32(0xFF)  # [B, N]
+    hist = jnp.sum((digit[:, :, None] == digits) & match[:, :, None], axis=1,
+                   dtype=jnp.int32)  # [B, 256]
+    at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [B, 256]: keys with digit >= d
+    chosen = jnp.sum(at_least >= remaining[:, None], axis=1, dtype=jnp.int32) - 1  # [B]
+    above = jnp.where(chosen < 255,
+                      jnp.take_along_axis(at_least, jnp.minimum(chosen + 1, 255)[:, None],
+                                          axis=1)[:, 0], 0)
+    remaining = remaining - above
+    prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
+    known = known | np.uint32(0xFF << shift)
+  equal = key == prefix[:, None]
+  selected = (key > prefix[:, None]) | (equal & (jnp.cumsum(equal, axis=1, dtype=jnp.int32)
+                                                 <= remaining[:, None]))  # [B, N], k per row
+  slot = jnp.where(selected, jnp.cumsum(selected, axis=1, dtype=jnp.int32) - 1, k)  # [B, N]
+  rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+  iota = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+  return jnp.zeros((batch, k), jnp.int32).at[rows, slot].set(iota, mode="drop")
+
+
+SELECTIONS = {"sort": _top_k_sort, "radix": _top_k_radix}
+
+
+def select_top_k(scores: jax.Array, k: int, *, method: str = "sort") -> jax.Array:
   """Indices of the k highest scores of each row: `[B, N]` -> `[B, S=k]` int32.
 
-  Ordered by descending score, ties to the lower index (`jax.lax.top_k`). The order is not sorted by
-  position: gathers and scatters of whole rows do not need it, and sorting would cost a second sort.
+  Both methods select the same set (ties to the lower index). "sort" (`jax.lax.top_k`) orders it
+  by descending score; "radix" (a radix select, no sort) by ascending index. Gathers and scatters
+  of whole rows do not depend on the order.
   """
   if scores.ndim != 2:
     raise ValueError(f"scores must be [B, N], got shape {scores.shape}")
   if not 0 < k <= scores.shape[1]:
     raise ValueError(f"{k=} must lie in [1, N={scores.shape[1]}]")
-  _, idx = jax.lax.top_k(scores, k)
-  return idx.astype(jnp.int32)
+  try:
+    fn = SELECTIONS[method]
+  except KeyError:
+    raise ValueError(f"unknown selection {method=}; choose from {sorted(SELECTIONS)}") from None
+  return fn(scores, k).astype(jnp.int32)
 
 
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
