@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from astraea_jax.cli_support import load_model, run_main
+
 DEFAULT_BUDGET = 0.5
 
 
@@ -39,6 +41,16 @@ def _theta(text: str) -> float:
     raise argparse.ArgumentTypeError(f"budget must be a number in [0, 1], got {text!r}") from None
   if not 0.0 <= v <= 1.0:
     raise argparse.ArgumentTypeError(f"budget must lie in [0, 1], got {v}")
+  return v
+
+
+def _positive(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
   return v
 
 
@@ -82,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="with --budget: run this fraction of the first steps dense (e.g. 0.2)")
   g.add_argument("--compare-dense", action="store_true",
                  help="also run the dense model and report its time and the PSNR/SSIM against it")
+  g = p.add_argument_group("devices")
+  g.add_argument("--devices", type=_positive, default=None, metavar="N",
+                 help="shard over the first N devices (1: one device; default: every visible GPU "
+                      "that splits the request evenly, 1 on CPU). Several hosts: start the same "
+                      "command on each under SLURM/mpirun or with JAX_COORDINATOR_ADDRESS, "
+                      "JAX_NUM_PROCESSES and JAX_PROCESS_ID set")
   g = p.add_argument_group("output")
   g.add_argument("--out", type=Path, default=Path("video.mp4"),
                  help="output .mp4 (with several prompts: NAME_000.mp4, NAME_001.mp4, ...)")
@@ -121,17 +139,18 @@ def _outputs(out: Path, n: int) -> list[Path]:
 def run(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help and usage errors are instant.
+  import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from astraea_jax import metrics, video  # pylint: disable=import-outside-toplevel
+  from astraea_jax import metrics, parallel, video  # pylint: disable=import-outside-toplevel
   from astraea_jax.acceleration import BudgetSchedule  # pylint: disable=import-outside-toplevel
 
+  parallel.maybe_initialize()  # several hosts: before anything touches the devices
+  # Default: the most visible GPUs that split the request evenly (None); one device on CPU.
+  devices = args.devices or (None if parallel.default_num_devices() > 1 else 1)
+
   prompts = _prompts(args)
-  if args.model == "default":
-    from astraea_jax.default_model import load_default_pipeline  # pylint: disable=import-outside-toplevel
-    pipe = load_default_pipeline()
-  else:
-    pipe = _load_folder(args.model)
+  pipe = load_model(args.model)
   if prompts is None:
     if pipe.default_prompt is None:
       raise ValueError("give --prompt or --prompt-file")
@@ -171,12 +190,13 @@ def run(argv: list[str] | None = None) -> int:
   label = "dense" if schedule is None else f"schedule {schedule.name or 'from file'}"
   print(f"{pipe.name}: {len(prompts)} prompt(s), {cfg.width}x{cfg.height}, {cfg.frames} frames, "
         f"{cfg.steps} steps, guidance {cfg.guidance:g}, {label}", file=sys.stderr)
-  result = pipe.generate(prompts, cfg, schedule=schedule, progress=progress)
+  result = pipe.generate(prompts, cfg, schedule=schedule, progress=progress, devices=devices)
   dense = None
   if args.compare_dense and schedule is not None:
-    dense = pipe.generate(prompts, cfg, schedule=None, progress=progress)
+    dense = pipe.generate(prompts, cfg, schedule=None, progress=progress, devices=devices)
 
-  for i, out in enumerate(outs):
+  # Every host holds the whole result; one writes it.
+  for i, out in enumerate(outs if jax.process_index() == 0 else []):
     video.write_video(out, result.frames[i], fps=pipe.fps)
     if not args.no_gif:
       video.write_video(out.with_suffix(".gif"), result.frames[i], fps=pipe.fps)
@@ -205,41 +225,13 @@ def run(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _load_folder(path: str):
-  """A converted folder through the library; a release folder through its converter, in memory."""
-  from astraea_jax.pipelines import folder_kind, load_wan_pipeline  # pylint: disable=import-outside-toplevel
-
-  if folder_kind(path) == "converted":
-    return load_wan_pipeline(path)
-  from checkpoints_convert.common import CheckpointError  # pylint: disable=import-outside-toplevel
-  from checkpoints_convert.wan_t2v import load_pipeline  # pylint: disable=import-outside-toplevel
-
-  print(f"converting {path} in memory (convert once with `python -m checkpoints_convert wan_t2v` "
-        "to start faster)", file=sys.stderr)
-  try:
-    return load_pipeline(path)
-  except CheckpointError as e:
-    raise ValueError(str(e)) from None
-
-
 def _compute_seconds(stats) -> float:
   """Denoising wall time less the XLA compile time observed in each step."""
   return sum(max(s - c, 0.0) for s, c in zip(stats.step_seconds, stats.compile_seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
-  from astraea_jax.pipeline import GenerationError  # pylint: disable=import-outside-toplevel
-  from astraea_jax.pipelines import ModelLoadError  # pylint: disable=import-outside-toplevel
-  from astraea_jax.video import OutputError  # pylint: disable=import-outside-toplevel
-
-  try:
-    return run(argv)
-  except (GenerationError, ModelLoadError, OutputError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  return run_main(run, argv)
 
 
 if __name__ == "__main__":

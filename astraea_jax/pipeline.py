@@ -23,6 +23,7 @@ from flax import nnx
 
 from astraea_jax.acceleration import AstraeaConfig, AstraeaStepModel, BudgetSchedule
 from astraea_jax.models.wan import WanTransformer3DModel
+from astraea_jax import parallel
 from astraea_jax.sampling.loop import DenoiseStats, denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowUniPCConfig, make_scheduler
 
@@ -169,11 +170,15 @@ class WanPipeline:
   def generate(self, prompts: Sequence[str], cfg: GenerationConfig, *,
                schedule: BudgetSchedule | None = None,
                astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True,
-               noise: jax.Array | np.ndarray | None = None) -> GenerationResult:
+               noise: jax.Array | np.ndarray | None = None,
+               devices: int | None = 1) -> GenerationResult:
     """Generates one video per prompt (a batch), dense or with a token-budget schedule.
 
     `noise` `[B, C, T, Y, X]` replaces the initial latents drawn from `cfg.seed` (e.g. to reproduce
-    another implementation's run from the same starting point).
+    another implementation's run from the same starting point). `devices`: 1 runs on one device;
+    n > 1 shards the tokens over n devices (`astraea_jax.parallel.sharded`: CFG halves and
+    sequence shards, top-k per shard with k rounded to a multiple of the shard count); None takes
+    the most visible devices that split the request evenly.
     """
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -182,6 +187,12 @@ class WanPipeline:
       raise GenerationError(f"the schedule has {len(schedule)} steps, the request {cfg.steps}")
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
+    use_cfg = cfg.guidance != 1.0
+    try:
+      mesh = parallel.mesh_for_request(devices, num_tokens=self.num_tokens(cfg),
+                                       batch=2 * b if use_cfg else b, guidance=use_cfg)
+    except ValueError as e:
+      raise GenerationError(str(e)) from None
 
     start = time.perf_counter()
     context = self.encode_text(prompts)  # [B, M, text_dim]
@@ -203,8 +214,13 @@ class WanPipeline:
                             f"latents {(b, c, t, y, x)}")
     noise = jnp.asarray(noise, jnp.float32)
 
-    if schedule is None:
-      step_model: Any = DenseStepModel(self.transformer, context)
+    if mesh is not None:
+      step_model: Any = (parallel.ShardedDenseStepModel(self.transformer, context, mesh)
+                         if schedule is None else
+                         parallel.ShardedAstraeaStepModel(self.transformer, schedule, context, mesh,
+                                                          config=astraea))
+    elif schedule is None:
+      step_model = DenseStepModel(self.transformer, context)
     else:
       step_model = AstraeaStepModel(self.transformer, schedule, context, config=astraea)
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=cfg.guidance,

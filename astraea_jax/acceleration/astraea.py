@@ -54,7 +54,9 @@ from astraea_jax.acceleration.token_selection import (
 __all__ = [
     "AstraeaStepModel",
     "StepStat",
+    "astraea_blocks",
     "astraea_forward",
+    "check_step",
     "compute_block",
     "jit_astraea_step",
     "num_video_tokens",
@@ -115,10 +117,19 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
     `(out [B, C_out, T, Y, X], cache)`, the model output and the updated cache.
   """
   x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
-  batch, tokens, dim = x.shape
   graphdef, params = nnx.split(model.blocks)
-  layers = _num_layers(params)
   k = int(num_selected)
+  check_step(x.shape, _num_layers(params), k, cache, config)
+  x, cache = astraea_blocks(graphdef, params, x, cond, cache, num_selected=k, config=config,
+                            block_fn=block_fn)
+  return model.head(x, cond), cache
+
+
+def check_step(x_shape: tuple[int, int, int], num_layers: int, num_selected: int,
+               cache: TokenCache | None, config: AstraeaConfig) -> None:
+  """ValueError unless k lies in [0, N], a sparse step has a cache and the cache fits x."""
+  batch, tokens, dim = x_shape
+  k = num_selected
   if not 0 <= k <= tokens:
     raise ValueError(f"num_selected={k} must lie in [0, N={tokens}]")
   if cache is None:
@@ -126,16 +137,25 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
       raise ValueError(f"num_selected={k} < N={tokens} needs a token cache: the first step of a "
                        "run must be dense")
   else:
-    cache.check_compatible(layers, batch, tokens, dim, config)
+    cache.check_compatible(num_layers, batch, tokens, dim, config)
 
-  if k == tokens:
-    x, cache = _dense_blocks(graphdef, params, x, cond, cache, config, block_fn)
-  elif k == 0:
-    x = cache.out[layers - 1]
-    cache = cache.replace(skips=cache.skips + 1)
-  else:
-    x, cache = _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn)
-  return model.head(x, cond), cache
+
+def astraea_blocks(graphdef, params, x: jax.Array, cond, cache: TokenCache | None, *,
+                   num_selected: int, config: AstraeaConfig = AstraeaConfig(),
+                   block_fn: BlockFn = compute_block) -> tuple[jax.Array, TokenCache]:
+  """The L blocks of one accelerated step: tokens `x [B, N, C]` -> last block's output and cache.
+
+  `graphdef, params = nnx.split(model.blocks)`; arguments as checked by `check_step`. The
+  sequence-parallel forward (`astraea_jax.parallel.sharded`) runs this on every device with its
+  N/P tokens, its slice of the cache and k/P, which makes the top-k per shard.
+  """
+  layers = _num_layers(params)
+  k = num_selected
+  if k == x.shape[1]:
+    return _dense_blocks(graphdef, params, x, cond, cache, config, block_fn)
+  if k == 0:
+    return cache.out[layers - 1], cache.replace(skips=cache.skips + 1)
+  return _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn)
 
 
 def _dense_blocks(graphdef, params, x, cond, cache, config, block_fn):
@@ -172,7 +192,8 @@ def _sparse_blocks(graphdef, params, x, cond, cache, k, config, block_fn):
     current = summarize_inputs(x, c.proj)  # [B, N, P or C]
     delta = input_change(current, c.in_ref[layer], relative=relative, eps=config.eps)  # [B, N]
     scores = token_scores(c.lse[layer], delta, c.skips[layer], config)  # [B, N]
-    idx = select_top_k(scores, k, method=config.selection)  # [B, S]
+    idx = select_top_k(scores, k, method=config.selection,
+                       chunks=config.selection_chunks)  # [B, S]
     y_sel, lse_sel = block_fn(nnx.merge(graphdef, p), x, cond, idx)  # [B, S, C], [B, H, S]
     if y_sel.shape != (batch, k, x.shape[-1]):
       raise ValueError(f"block returned {y_sel.shape} for {k} selected rows of {x.shape}")

@@ -58,6 +58,10 @@ class AstraeaConfig:
   # Execution only: how the top-k set is found, "sort" (`lax.top_k`) or "radix" (a radix select
   # without sorting); both give the same set (`token_selection.select_top_k`).
   selection: str = "sort"
+  # Top-k independently within each of this many contiguous token chunks (k / chunks each; both N
+  # and k must be multiples). The sequence-parallel forward selects per shard of N/P tokens
+  # (`astraea_jax.parallel.sharded`); `selection_chunks=P` on one device selects the same sets.
+  selection_chunks: int = 1
 
   def __post_init__(self):
     if self.head_reduction not in _HEAD_REDUCTIONS:
@@ -68,6 +72,8 @@ class AstraeaConfig:
       raise ValueError(f"{self.delta_mode=} must be one of {_DELTA_MODES}")
     if self.selection not in ("sort", "radix"):
       raise ValueError(f"{self.selection=} must be 'sort' or 'radix'")
+    if self.selection_chunks < 1:
+      raise ValueError(f"{self.selection_chunks=} must be positive")
     if self.sketch_dim < 1:
       raise ValueError(f"{self.sketch_dim=} must be positive")
     if not 0 <= self.staleness_cap <= 88:

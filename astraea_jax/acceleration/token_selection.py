@@ -167,12 +167,16 @@ def _top_k_radix(scores: jax.Array, k: int) -> jax.Array:
 SELECTIONS = {"sort": _top_k_sort, "radix": _top_k_radix}
 
 
-def select_top_k(scores: jax.Array, k: int, *, method: str = "sort") -> jax.Array:
+def select_top_k(scores: jax.Array, k: int, *, method: str = "sort", chunks: int = 1) -> jax.Array:
   """Indices of the k highest scores of each row: `[B, N]` -> `[B, S=k]` int32.
 
   Both methods select the same set (ties to the lower index). "sort" (`jax.lax.top_k`) orders it
   by descending score; "radix" (a radix select, no sort) by ascending index. Gathers and scatters
   of whole rows do not depend on the order.
+
+  `chunks > 1` splits each row into that many contiguous chunks of N / chunks tokens and takes the
+  top k / chunks of each (chunk by chunk in the result): the per-shard selection of the
+  sequence-parallel forward, on one device.
   """
   if scores.ndim != 2:
     raise ValueError(f"scores must be [B, N], got shape {scores.shape}")
@@ -182,7 +186,15 @@ def select_top_k(scores: jax.Array, k: int, *, method: str = "sort") -> jax.Arra
     fn = SELECTIONS[method]
   except KeyError:
     raise ValueError(f"unknown selection {method=}; choose from {sorted(SELECTIONS)}") from None
-  return fn(scores, k).astype(jnp.int32)
+  if chunks == 1:
+    return fn(scores, k).astype(jnp.int32)
+  batch, tokens = scores.shape
+  if chunks < 1 or tokens % chunks or k % chunks:
+    raise ValueError(f"{chunks=} must be positive and divide N={tokens} and {k=}")
+  width = tokens // chunks
+  local = fn(scores.reshape(batch * chunks, width), k // chunks).astype(jnp.int32)  # [B*G, S/G]
+  offset = (jnp.arange(chunks, dtype=jnp.int32) * width)[None, :, None]  # [1, G, 1]
+  return (local.reshape(batch, chunks, -1) + offset).reshape(batch, k)
 
 
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -348,7 +348,8 @@ class WanTransformerBlock(nnx.Module):
         jax.random.normal(rngs.params(), (1, 6, c), F32) / math.sqrt(c))
 
   def __call__(self, x: jax.Array, cond: WanConditioning, *, select: jax.Array | None = None,
-               return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+               return_lse: bool = False, attention_fn: Any = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Runs the block on all N rows, or on the S rows named by `select`.
 
     Args:
@@ -357,6 +358,9 @@ class WanTransformerBlock(nnx.Module):
       select: None (dense), or `[B, S]` int32 token indices: only those rows are computed; their
         queries attend to keys/values of all N rows, so the result equals the dense block's rows.
       return_lse: also return the self-attention log-sum-exp of the computed rows.
+      attention_fn: replaces the self-attention call, `attention_fn(q, k, v, return_lse=...)` ->
+        `out` or `(out, lse)`; the sequence-parallel forward (`astraea_jax.parallel`) passes one
+        that attends to the keys of every device. None: `astraea_jax.models.attention`.
 
     Returns:
       `out [B, N or S, C]` in x's dtype, and with `return_lse` also `lse [B, H, N or S]` fp32.
@@ -376,7 +380,10 @@ class WanTransformerBlock(nnx.Module):
       x_s, h_s = _take_rows(x, select), _take_rows(h, select)  # [B, S, C]
       cos, sin = cond.rope_cos[select], cond.rope_sin[select]  # [B, S, D/2]
     q = apply_rope(self.attn1.project_q(h_s), cos, sin)  # [B, S, H, D]
-    if return_lse:
+    if attention_fn is not None:
+      res = attention_fn(q, k, v, return_lse=return_lse)
+      o, lse = res if return_lse else (res, None)
+    elif return_lse:
       # `attention_impl` names an `attention` backend; the LSE variant picks its own kernel.
       o, lse = attention_lib.attention_with_lse(q, k, v)
     else:

@@ -1,0 +1,315 @@
+"""Fitness of budget schedules for the search (ASTRAEA, arXiv 2506.05096, Sec. 4), a whole
+population per device call.
+
+The fitness of a schedule is the MSE between the final latents it produces and the dense run's final
+latents, for the same prompt and initial noise, averaged over the calibration prompts. The dense
+latents are computed once per search. Calibration sample j is `(prompt_j, seed + j)`: its noise
+is what `WanPipeline.generate([prompt_j], cfg with seed + j)` draws, so a candidate's result here
+equals generating with that schedule alone.
+
+Evaluating candidates one by one would cost the whole search (950 schedules in the paper's setting)
+a Python loop of separate sampling runs. Here a chunk of candidates runs as ONE denoising loop whose
+batch rows are the (candidate, prompt) pairs, the conditional half first and the unconditional half
+second, as `astraea_jax.sampling.loop.denoise` arranges classifier-free guidance:
+
+  rows [0, R): cond of (c, p) at row c * P + p; rows [R, 2R): the uncond rows in the same order.
+
+At each step `PopulationStepModel` groups the rows by their token budget k (the candidates' thetas
+at that step: at most 11 distinct values on the 0.1 grid), gathers each group's latents, text
+embeddings and token-cache rows, pads the group to a bucket size (the next power of two, at least
+`min_bucket`, so compiled programs are bounded by the (k, bucket) pairs), runs the jitted ASTRAEA
+forward with that static k, and scatters the outputs and cache rows back. Every row selects its own
+tokens, so grouping does not change a row's result. The guidance and the scheduler then advance all
+rows at once. Step 0 is dense for every row (the token cache starts there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax.acceleration.astraea import astraea_forward, jit_astraea_step
+from astraea_jax.acceleration.config import AstraeaConfig
+from astraea_jax.acceleration.schedule import BudgetSchedule
+from astraea_jax.acceleration.token_cache import TokenCache
+from astraea_jax.data.clips import caption, sample_description
+from astraea_jax.pipeline import DenseStepModel, GenerationConfig, WanPipeline
+from astraea_jax.sampling.loop import denoise
+from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowUniPCConfig, make_scheduler
+
+__all__ = [
+    "CALIBRATION_SEED",
+    "HELD_OUT_SEED",
+    "PopulationFitness",
+    "PopulationStepModel",
+    "calibration_prompts",
+    "held_out_prompts",
+]
+
+# Calibration and held-out prompts come from disjoint streams of the caption grammar.
+CALIBRATION_SEED = 20_506
+HELD_OUT_SEED = 50_962
+
+
+def _grammar_prompts(num: int, seed: int, exclude: Sequence[str]) -> list[str]:
+  if num < 1:
+    raise ValueError(f"{num=} must be positive")
+  rng = np.random.default_rng(seed)
+  seen = set(exclude)
+  prompts: list[str] = []
+  for _ in range(1000 * num):
+    text = caption(sample_description(rng))
+    if text not in seen:
+      seen.add(text)
+      prompts.append(text)
+      if len(prompts) == num:
+        return prompts
+  raise ValueError(f"the caption grammar gave fewer than {num} distinct prompts")
+
+
+def calibration_prompts(num: int = 4, *, seed: int = CALIBRATION_SEED) -> list[str]:
+  """`num` distinct captions of the procedural-clip grammar (the paper calibrates on 4 prompts)."""
+  return _grammar_prompts(num, seed, ())
+
+
+def held_out_prompts(num: int, *, exclude: Sequence[str] = (), seed: int = HELD_OUT_SEED
+                     ) -> list[str]:
+  """`num` distinct captions from another stream, none in `exclude` (the calibration set)."""
+  return _grammar_prompts(num, seed, exclude)
+
+
+# -- the population step model --------------------------------------------------------------------
+
+
+def _bucket(rows: int, min_bucket: int, total: int) -> int:
+  return min(max(min_bucket, 1 << (rows - 1).bit_length()), total)
+
+
+def _group_step(graphdef, state, latents, timestep, context, cache, out, rows, *, num_selected,
+                config):
+  """The ASTRAEA forward with budget k on the batch rows `rows` `[G]` only (padded with row B')."""
+  model = nnx.merge(graphdef, state)
+
+  # Padding rows index past the batch: gathered as the last row (clip), dropped when scattered.
+  def take(a, axis):
+    return jnp.take(a, rows, axis=axis, mode="clip")
+
+  def put(full, part, axis):
+    at = (slice(None),) * axis + (rows,)
+    return full.at[at].set(part.astype(full.dtype), mode="drop")
+
+  part = cache.replace(out=take(cache.out, 1), in_ref=take(cache.in_ref, 1),
+                       lse=take(cache.lse, 1), skips=take(cache.skips, 1))  # [L, G, N, ...]
+  y, part = astraea_forward(model, take(latents, 0), take(timestep, 0), take(context, 0), part,
+                            num_selected=num_selected, config=config)  # y [G, C_out, T, Y, X]
+  cache = cache.replace(out=put(cache.out, part.out, 1), in_ref=put(cache.in_ref, part.in_ref, 1),
+                        lse=put(cache.lse, part.lse, 1), skips=put(cache.skips, part.skips, 1))
+  return put(out, y, 0), cache
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_group_step(graphdef, config: AstraeaConfig):
+  # One jitted function per model and config, shared by every chunk and generation of a search.
+  return jax.jit(functools.partial(_group_step, graphdef, config=config),
+                 static_argnames=("num_selected",), donate_argnames=("cache", "out"))
+
+
+class PopulationStepModel:
+  """`denoise` step model for a batch in which every row has its own token budget per step.
+
+  Args:
+    model: the Wan transformer.
+    row_ks: `[B', T_s]` int, k of every batch row (in the loop's order) at every step; step 0 must
+      be N for every row.
+    context: `[B', M, text_dim]` text embeddings of the rows.
+    config: scoring and cache options.
+    min_bucket: smallest padded group size.
+
+  `self.variants` collects the (k, bucket) pairs run, each one compiled program;
+  `self.token_rows` and `self.padded_token_rows` sum k over the real and the padding rows of every
+  group after step 0 (their ratio is the compute spent on padding).
+  """
+
+  def __init__(self, model, row_ks: np.ndarray, context: jax.Array, *,
+               config: AstraeaConfig = AstraeaConfig(), min_bucket: int = 8):
+    self._graphdef, self._state = nnx.split(model)
+    self.row_ks = np.asarray(row_ks, np.int64)
+    if self.row_ks.ndim != 2 or self.row_ks.shape[0] != context.shape[0]:
+      raise ValueError(f"row_ks of shape {self.row_ks.shape} must be [B', T_s] with B' = "
+                       f"{context.shape[0]} context rows")
+    if min_bucket < 1:
+      raise ValueError(f"{min_bucket=} must be positive")
+    self.context = context
+    self.config = config
+    self.min_bucket = min_bucket
+    self.variants: set[tuple[int, int]] = set()
+    self.token_rows = 0
+    self.padded_token_rows = 0
+    self._first = jit_astraea_step(self._graphdef, config=config)
+    self._group = _jit_group_step(self._graphdef, config)
+    self._out_dtype = None
+
+  def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
+               step_index: int) -> tuple[jax.Array, TokenCache]:
+    step_index = int(step_index)
+    batch = latents.shape[0]
+    if batch != self.row_ks.shape[0]:
+      raise ValueError(f"latents batch {batch} does not match {self.row_ks.shape[0]} rows")
+    ks = self.row_ks[:, step_index]  # [B']
+    timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+    if carry is None:
+      tokens = int(ks.max())
+      if step_index != 0 or ks.min() != tokens:
+        raise ValueError("the first step of a run must be dense for every row")
+      out, carry = self._first(self._state, latents, timestep, self.context, None,
+                               num_selected=tokens)
+      self._out_dtype = out.dtype
+      return out, carry
+    out = jnp.zeros(latents.shape, self._out_dtype)
+    for k in np.unique(ks):
+      rows = np.flatnonzero(ks == k)
+      bucket = _bucket(rows.size, self.min_bucket, batch)
+      idx = np.full((bucket,), batch, np.int32)
+      idx[:rows.size] = rows
+      self.variants.add((int(k), bucket))
+      self.token_rows += int(k) * rows.size
+      self.padded_token_rows += int(k) * (bucket - rows.size)
+      out, carry = self._group(self._state, latents, timestep, self.context, carry, out,
+                               jnp.asarray(idx), num_selected=int(k))
+    return out, carry
+
+
+# -- population fitness ---------------------------------------------------------------------------
+
+
+@jax.jit
+def _mse_per_candidate(final: jax.Array, dense: jax.Array) -> jax.Array:
+  """final `[C * P, ...]` (candidate-major), dense `[P, ...]` -> MSE averaged over P, `[C]`."""
+  prompts = dense.shape[0]
+  diff = final.reshape(-1, prompts, *final.shape[1:]).astype(jnp.float32) - dense.astype(
+      jnp.float32)[None]
+  return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
+
+
+def make_flow_scheduler(pipeline: WanPipeline, cfg: GenerationConfig):
+  """The scheduler and its state that `WanPipeline.generate` uses for `cfg`."""
+  shift = pipeline.default_shift if cfg.shift is None else cfg.shift
+  sched_cfg = (FlowUniPCConfig if cfg.solver == "unipc" else FlowEulerConfig)(
+      sigma_schedule=cfg.sigma_schedule, shift=shift)
+  scheduler = make_scheduler(sched_cfg)
+  return scheduler, scheduler.set_timesteps(cfg.steps)
+
+
+@dataclasses.dataclass
+class PopulationFitness:
+  """Fitness of whole populations of schedules on calibration prompts (see the module docstring).
+
+  Call it with thetas `[C, T_s]` (any C); it returns the MSE per candidate `[C]` (numpy float64).
+  Candidates run `chunk` at a time (the last chunk padded with cache-only schedules, which cost
+  almost nothing), so every device call has the same batch shape.
+
+  Attributes:
+    pipeline: the text-to-video pipeline (its transformer, text encoder and prediction type).
+    prompts: P calibration prompts.
+    cfg: size, frames, steps, guidance, solver; `cfg.seed + j` seeds prompt j's noise.
+    chunk: candidates per denoising run (the batch holds `chunk * P` rows, twice with guidance).
+    astraea: token scoring and cache options.
+    min_bucket: smallest padded row group (see `PopulationStepModel`): larger means fewer compiled
+      programs but more padding rows computed.
+    dense: `[P, C, T, Y, X]` dense final latents, e.g. from a resumed search; computed if None.
+  """
+
+  pipeline: WanPipeline
+  prompts: Sequence[str]
+  cfg: GenerationConfig
+  chunk: int = 30
+  astraea: AstraeaConfig = AstraeaConfig()
+  min_bucket: int = 8
+  dense: np.ndarray | None = None
+
+  def __post_init__(self):
+    self.prompts = list(self.prompts)
+    if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+      raise ValueError("every calibration prompt must be a non-empty string")
+    if self.chunk < 1:
+      raise ValueError(f"{self.chunk=} must be positive")
+    pipe, cfg = self.pipeline, self.cfg
+    self.latent_shape = pipe.latent_shape(cfg)  # (C, T, Y, X); GenerationError if not allowed
+    self.num_tokens = pipe.num_tokens(cfg)
+    self.use_cfg = cfg.guidance != 1.0
+    self.scheduler, self.scheduler_state = make_flow_scheduler(pipe, cfg)
+    num = len(self.prompts)
+    # Noise of calibration sample j as `generate([prompt_j], seed=cfg.seed + j)` draws it.
+    self.noise = jnp.concatenate([
+        jax.random.normal(jax.random.key(cfg.seed + j), (1, *self.latent_shape), jnp.float32)
+        for j in range(num)])  # [P, C, T, Y, X]
+    cond = pipe.encode_text(self.prompts)  # [P, M, text_dim]
+    uncond = pipe.encode_text([cfg.negative_prompt] * num) if self.use_cfg else None
+    self._cond, self._uncond = cond, uncond
+    halves = [jnp.tile(cond, (self.chunk, 1, 1))]  # [R, M, text_dim], candidate-major
+    if self.use_cfg:
+      halves.append(jnp.tile(uncond, (self.chunk, 1, 1)))
+    self._context = jnp.concatenate(halves, axis=0)  # [B', M, text_dim]
+    self._rows_noise = jnp.tile(self.noise, (self.chunk, 1, 1, 1, 1))  # [R, C, T, Y, X]
+    if self.dense is None:
+      self.dense = self._dense_latents()
+    elif tuple(np.shape(self.dense)) != (num, *self.latent_shape):
+      raise ValueError(f"cached dense latents of shape {np.shape(self.dense)} do not match "
+                       f"{(num, *self.latent_shape)}")
+    self._dense_dev = jnp.asarray(self.dense)
+    self.variants: set[tuple[int, int]] = set()
+    self.candidates_evaluated = 0
+    self.token_rows = 0
+    self.padded_token_rows = 0
+
+  def _dense_latents(self) -> np.ndarray:
+    context = self._cond if not self.use_cfg else jnp.concatenate([self._cond, self._uncond])
+    latents, _, _ = denoise(DenseStepModel(self.pipeline.transformer, context), self.noise,
+                            self.scheduler, self.scheduler_state, guidance_scale=self.cfg.guidance,
+                            progress=False, prediction=self.pipeline.prediction)
+    return np.asarray(latents)
+
+  def row_ks(self, thetas: np.ndarray) -> np.ndarray:
+    """Thetas `[C, T_s]` -> k of every batch row and step `[B', T_s]`, as `generate` computes k."""
+    ks = np.array([[BudgetSchedule(tuple(row)).num_selected(s, self.num_tokens)
+                    for s in range(len(row))] for row in thetas], np.int64)  # [C, T_s]
+    rows = np.repeat(ks, len(self.prompts), axis=0)  # [R, T_s]
+    return np.concatenate([rows, rows]) if self.use_cfg else rows
+
+  def final_latents(self, thetas) -> np.ndarray:
+    """Final latents `[C, P, C_in, T, Y, X]` of every candidate and calibration prompt."""
+    return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
+        latents).reshape(self.chunk, len(self.prompts), *self.latent_shape)[:n])))
+
+  def __call__(self, thetas) -> np.ndarray:
+    return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
+        _mse_per_candidate(latents, self._dense_dev), np.float64)[:n])))
+
+  def _chunks(self, thetas, reduce):
+    thetas = np.asarray(thetas, np.float64)
+    if thetas.ndim != 2 or thetas.shape[1] != self.cfg.steps:
+      raise ValueError(f"thetas of shape {thetas.shape} must be [C, steps={self.cfg.steps}]")
+    # Padding candidates are dense at step 0 (as every row) and pure cache steps after it.
+    pad = np.zeros((self.cfg.steps,), np.float64)
+    for start in range(0, thetas.shape[0], self.chunk):
+      part = thetas[start:start + self.chunk]
+      n = part.shape[0]
+      if n < self.chunk:
+        part = np.concatenate([part, np.broadcast_to(pad, (self.chunk - n, self.cfg.steps))])
+      step_model = PopulationStepModel(self.pipeline.transformer, self.row_ks(part),
+                                       self._context, config=self.astraea,
+                                       min_bucket=self.min_bucket)
+      latents, _, _ = denoise(step_model, self._rows_noise, self.scheduler, self.scheduler_state,
+                              guidance_scale=self.cfg.guidance, progress=False,
+                              prediction=self.pipeline.prediction)
+      self.variants |= step_model.variants
+      self.token_rows += step_model.token_rows
+      self.padded_token_rows += step_model.padded_token_rows
+      self.candidates_evaluated += n
+      yield reduce(latents, n)
