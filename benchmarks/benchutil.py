@@ -21,12 +21,13 @@ def device_slug() -> str:
   return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
 
+def init_on_device(make):
+  """`(graphdef, state)` of the module `make()` builds, its random parameters initialised on the
+  device (no host copy of the weights)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  return graphdef, jax.jit(lambda: nnx.split(make())[1])()
+
+
 def build_state(config: WanConfig):
-  """graphdef and random parameters initialised on the device (no host copy of the weights)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0))))
-
-  @jax.jit
-  def init():
-    return nnx.split(WanTransformer3DModel(config, rngs=nnx.Rngs(0)))[1]
-
-  return graphdef, init()
+  """graphdef and random parameters of a Wan transformer, initialised on the device."""
+  return init_on_device(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0)))

@@ -38,7 +38,7 @@ from astraea_jax.pipeline import GenerationConfig
 from astraea_jax.pipelines import assemble
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import RESULTS, device_slug  # noqa: E402  pylint: disable=wrong-import-position
+from benchutil import RESULTS, device_slug, init_on_device  # noqa: E402  pylint: disable=wrong-import-position
 
 # A tokenizer on disk (the parity goldens'): token ids do not change the encoder's cost.
 TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "goldens" / "umt5" / "tokenizer"
@@ -46,10 +46,7 @@ PROMPT = "a corgi running on a beach at sunset, cinematic, 4k"
 
 
 def _on_device(make):
-  """A module with random weights initialised on the device (no host copy of the weights)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.split(make())[1])()
-  return nnx.merge(graphdef, state)
+  return nnx.merge(*init_on_device(make))
 
 
 def build(quick: bool):
