@@ -15,20 +15,25 @@ import jax.numpy as jnp
 AttentionFn = Callable[..., jax.Array]
 
 
-def _xla(q, k, v, *, scale):
+def _xla(q, k, v, *, scale, key_mask=None):
   # Scores and softmax in fp32 whatever the input dtype; explicit casts keep strict promotion happy.
   s = jnp.einsum("bshd,bnhd->bhsn", q, k, preferred_element_type=jnp.float32) * scale  # [B, H, S, N]
+  if key_mask is not None:
+    s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   return jnp.einsum("bhsn,bnhd->bshd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def _cudnn(q, k, v, *, scale):
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+def _cudnn(q, k, v, *, scale, key_mask=None):
+  mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N] broadcasts over H and S
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
 
 
-def _pallas(q, k, v, *, scale):
+def _pallas(q, k, v, *, scale, key_mask=None):
   import pallas_kernels  # pylint: disable=import-outside-toplevel
 
+  if key_mask is not None:  # the kernel has no mask; masked calls are the short text cross-attentions
+    return _cudnn(q, k, v, scale=scale, key_mask=key_mask)
   out, _ = pallas_kernels.selected_query_attention(q, k, v, scale=scale)
   return out
 
@@ -47,13 +52,15 @@ def default_implementation(dtype) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-              implementation: str | None = None) -> jax.Array:
+              key_mask: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
   """Softmax attention, `softmax(q k^T * scale) v`, with no mask.
 
   Args:
     q: `[B, S, H, D]` queries.
     k, v: `[B, N, H, D]` keys and values (N may differ from S).
     scale: score scale; defaults to `D ** -0.5`.
+    key_mask: optional `[B, N]` bool, True for keys every query may attend to (e.g. the valid text
+      tokens of each sample). Every row must keep at least one key.
     implementation: one of `"xla"`, `"cudnn"`, `"pallas"`; None picks `default_implementation`.
 
   Returns:
@@ -66,7 +73,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     fn = _IMPLEMENTATIONS[name]
   except KeyError:
     raise ValueError(f"unknown attention {implementation=}; choose from {sorted(_IMPLEMENTATIONS)}") from None
-  return fn(q, k, v, scale=scale)
+  return fn(q, k, v, scale=scale, key_mask=key_mask)
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
