@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="trace one batch-1 forward into DIR and print the top GPU kernels")
   parser.add_argument("--attention-sweep", action="store_true",
                       help="time one self-attention call at N and at N rounded up to 128")
+  parser.add_argument("--compare-unfused", action="store_true",
+                      help="also time each attention with `fuse_projections=False`")
   parser.add_argument("--out", default=None,
                       help="JSON path (default results/dense_forward-<device>.json)")
   args = parser.parse_args(argv)
@@ -118,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
   results = []
   graphdef, state = build_state(base)
   param_gib = sum(a.nbytes for a in jax.tree_util.tree_leaves(state)) / 2**30
-  for impl in impls:
-    cfg = dataclasses.replace(base, attention_impl=impl)
+  variants = [(impl, fuse) for impl in impls
+              for fuse in ((True, False) if args.compare_unfused else (base.fuse_projections,))]
+  for impl, fuse in variants:
+    cfg = dataclasses.replace(base, attention_impl=impl, fuse_projections=fuse)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda cfg=cfg: WanTransformer3DModel(cfg,
                                                                                rngs=nnx.Rngs(0))))
 
@@ -139,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         # One failing implementation must not cost the other measurements of this call.
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         print(f"{impl} B={b} failed: {msg}", flush=True)
-        results.append({"attention": impl, "batch": b, "error": msg})
+        results.append({"attention": impl, "fused": fuse, "batch": b, "error": msg})
         continue
       out = forward(state, latents, timestep, context)
       finite = bool(jnp.isfinite(out).all())
       med = statistics.median(times)
-      row = {"attention": impl, "batch": b, "median_ms": med, "min_ms": min(times),
+      row = {"attention": impl, "fused": fuse, "batch": b, "median_ms": med, "min_ms": min(times),
              "runs_ms": times, "compile_s": compile_s, "peak_gib": peak_gib(),
              "tflops": flops(base, b, n, m) / (med * 1e-3) / 1e12, "finite": finite}
       results.append(row)
@@ -191,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
   out.write_text(json.dumps(record, indent=1) + "\n")
 
   print(f"\nwrote {out}")
-  print(f"{'attention':>9} {'B':>2} {'median ms':>10} {'min ms':>8} {'TFLOP/s':>8} {'peak GiB':>9}")
+  print(f"{'attention':>9} {'fused':>5} {'B':>2} {'median ms':>10} {'min ms':>8} {'TFLOP/s':>8} "
+        f"{'peak GiB':>9}")
   for r in results:
     if "error" in r:
-      print(f"{r['attention']:>9} {r['batch']:>2} failed: {r['error'][:80]}")
+      print(f"{r['attention']:>9} {str(r['fused']):>5} {r['batch']:>2} failed: {r['error'][:80]}")
       continue
     peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-    print(f"{r['attention']:>9} {r['batch']:>2} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} "
-          f"{r['tflops']:>8.0f} {peak:>9}")
+    print(f"{r['attention']:>9} {str(r['fused']):>5} {r['batch']:>2} {r['median_ms']:>10.1f} "
+          f"{r['min_ms']:>8.1f} {r['tflops']:>8.0f} {peak:>9}")
   for k, v in breakdown.items():
     print(f"  breakdown {k}: {v:.1f} ms")
   for r in sweep:
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _categorize(name: str) -> str:
   low = name.lower()
-  if any(k in low for k in ("fmha", "flash", "cudnn", "attn", "sdpa")):
+  if any(k in low for k in ("fmha", "flash", "cudnn", "attn", "attention", "sdpa", "mosaic")):
     return "attention"
   if any(k in low for k in ("gemm", "xmma", "nvjet", "cutlass", "matmul", "gmma", "sm90")):
     return "matmul"

@@ -115,7 +115,8 @@ QUICK_PROXIES = {"1 prompt": {"prompts": 1}}  # exercises the code path only
 
 
 def search_default(pipe, settings: Settings, budget: float, clock: CompileClock, *, prompts=None,
-                   frames=None, height=None, width=None, seed=0) -> dict:
+                   frames=None, height=None, width=None, seed=0,
+                   compiler_options: dict | None = None) -> dict:
   cfg = dataclasses.replace(pipe.defaults, steps=settings.steps, seed=seed,
                             frames=frames or settings.frames, height=height or settings.height,
                             width=width or settings.width)
@@ -123,7 +124,7 @@ def search_default(pipe, settings: Settings, budget: float, clock: CompileClock,
   space = BudgetSpace(num_steps=cfg.steps, budget=budget)
   compile_start, start = clock.seconds, time.perf_counter()
   fitness = PopulationFitness(pipe, calib, cfg, chunk=settings.ga.num_offspring,
-                              min_bucket=settings.min_bucket)
+                              min_bucket=settings.min_bucket, compiler_options=compiler_options)
   dense_s = time.perf_counter() - start
   result = run_search(space, settings.ga, levels_evaluator(space, fitness), seed=seed)
   wall = time.perf_counter() - start
@@ -139,6 +140,9 @@ def search_default(pipe, settings: Settings, budget: float, clock: CompileClock,
       "steady_candidates_per_second": settings.ga.num_offspring / steady,
       "prompt_candidates_per_second_steady": settings.ga.num_offspring * len(calib) / steady,
       "compiled_variants": len(fitness.variants),
+      "compiled_ahead": fitness.compiled_ahead,
+      "compile_ahead_wall_seconds": fitness.compile_ahead_seconds,
+      "compiler_options": compiler_options or {},
       "padding_overhead": (fitness.token_rows + fitness.padded_token_rows) / max(
           fitness.token_rows, 1),
       "gpu_hours": wall / 3600,
@@ -248,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--quick", action="store_true", help="small settings (CPU smoke run)")
   p.add_argument("--budget", type=float, default=0.5, help="target mean theta (default 0.5)")
   p.add_argument("--max-seconds", type=float, default=480.0,
-                 help="skip the proxy searches that would end past this wall time (default 480)")
+                 help="start no proxy search after this wall time (default 480)")
   p.add_argument("--skip-wan", action="store_true", help="no Wan2.1-1.3B proxy measurement")
   p.add_argument("--skip-proxies", action="store_true", help="no proxy searches")
+  p.add_argument("--no-autotune", action="store_true",
+                 help="compile the search programs without GPU kernel autotuning")
+  p.add_argument("--resume-from", type=Path, default=None, metavar="JSON",
+                 help="an earlier (e.g. time-limited) result of this benchmark: its finished parts "
+                      "are kept, the rest is run")
   p.add_argument("--out", type=Path, default=None)
   args = p.parse_args(argv)
   settings = QUICK if args.quick else FULL
@@ -268,47 +277,70 @@ def main(argv: list[str] | None = None) -> int:
       "versions": {n: metadata.version(n) for n in ("jax", "jaxlib", "flax", "evosax")},
       "quick": args.quick, "budget": args.budget, "ga": dataclasses.asdict(settings.ga),
       "paper_gpu_hours": PAPER_GPU_HOURS, "wan_full_size_estimate": full_size_estimate(args.budget)}
+  done = {}
+  if args.resume_from is not None:
+    done = json.loads(args.resume_from.read_text())
+    if done.get("budget") != args.budget or done.get("quick") != args.quick:
+      raise SystemExit(f"{args.resume_from} was run with another --budget or --quick")
+    record.update({k: done[k] for k in ("default_model_search", "held_out_prompts", "held_out",
+                                        "searched_beats_uniform_same_mean", "wan_proxy", "proxies")
+                   if k in done})
+    record["resumed_from"] = {"date": done.get("date"), "command": done.get("command"),
+                              "wall_seconds": done.get("wall_seconds")}
+  options = {"xla_gpu_autotune_level": 0} if args.no_autotune else None
 
   def save(**parts):
     # Rewritten after every part, so a run stopped by a time limit keeps what it measured.
     record.update(parts, wall_seconds=time.perf_counter() - t0)
     out.write_text(json.dumps(record, indent=1) + "\n")
 
-  print(f"search on the default model, budget {args.budget:g}", flush=True)
-  full = search_default(pipe, settings, args.budget, clock)
+  if "default_model_search" in done:
+    full = done["default_model_search"]
+    print(f"default model search: kept from {args.resume_from}", flush=True)
+  else:
+    print(f"search on the default model, budget {args.budget:g}", flush=True)
+    full = search_default(pipe, settings, args.budget, clock, compiler_options=options)
   cfg = dataclasses.replace(pipe.defaults, steps=settings.steps, frames=settings.frames,
                             height=settings.height, width=settings.width)
   held = held_out_prompts(settings.held_out, exclude=full["prompts"])
   save(default_model_search=full, held_out_prompts=held)
   dense = pipe.generate(held, cfg, progress=False)
-  searched = BudgetSchedule(tuple(full["thetas"]), name="searched")
-  value = held_out_check(pipe, cfg, held, {
-      "searched": searched, "uniform (same mean)": matched_uniform(cfg.steps, searched.mean),
-      f"generate --budget {args.budget:g}": BudgetSchedule.uniform(cfg.steps, args.budget)},
-                         dense)
+  if "held_out" in done:
+    value = done["held_out"]
+  else:
+    searched = BudgetSchedule(tuple(full["thetas"]), name="searched")
+    value = held_out_check(pipe, cfg, held, {
+        "searched": searched, "uniform (same mean)": matched_uniform(cfg.steps, searched.mean),
+        f"generate --budget {args.budget:g}": BudgetSchedule.uniform(cfg.steps, args.budget)},
+                           dense)
   save(held_out=value, searched_beats_uniform_same_mean=(
       value["searched"]["psnr"] > value["uniform (same mean)"]["psnr"]))
 
-  wan = None
-  if not args.skip_wan:
+  wan = done.get("wan_proxy")
+  if wan is None and not args.skip_wan:
     print("Wan2.1-1.3B proxy", flush=True)
     wan = wan_proxy(settings, args.budget, clock, full["padding_overhead"])
     save(wan_proxy=wan)
 
-  proxies = {}
+  proxies = {k: v for k, v in done.get("proxies", {}).items() if "skipped" not in v}
   if not args.skip_proxies:
     for name, overrides in (QUICK_PROXIES if args.quick else PROXIES).items():
-      # A proxy search costs at most the full one; skip it when it would overrun.
-      if time.perf_counter() - t0 + full["seconds"] > args.max_seconds:
+      if name in proxies:
+        continue
+      # Each finished part is saved, so a proxy cut off by an outer time limit loses only itself.
+      if time.perf_counter() - t0 > args.max_seconds:
         proxies[name] = {"skipped": "time"}
         continue
       print(f"proxy search: {name}", flush=True)
-      r = search_default(pipe, settings, args.budget, clock, **overrides)
+      r = search_default(pipe, settings, args.budget, clock, compiler_options=options,
+                         **overrides)
       s = BudgetSchedule(tuple(r["thetas"]), name=name)
       judged = held_out_check(pipe, cfg, held, {
           name: s, "uniform": matched_uniform(cfg.steps, s.mean)}, dense)
       proxies[name] = {**{k: r[k] for k in ("size", "frames", "tokens", "seconds", "fitness",
-                                            "thetas", "mean")},
+                                            "thetas", "mean", "compile_ahead_wall_seconds",
+                                            "steady_candidates_per_second",
+                                            "compiler_options")},
                        "prompts": len(r["prompts"]), "cost_vs_full": r["seconds"] / full["seconds"],
                        "held_out_psnr_at_full_size": judged[name]["psnr"],
                        "held_out_uniform_same_mean_psnr": judged["uniform"]["psnr"]}
@@ -318,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
   print(f"\nwrote {out}")
   print(f"default model search: {full['evaluations']} schedules in {full['seconds']:.1f} s "
-        f"(compile {full['compile_seconds']:.1f} s): {full['candidates_per_second']:.2f} "
+        f"(compiling ahead {full.get('compile_ahead_wall_seconds', math.nan):.1f} s wall): "
+        f"{full['candidates_per_second']:.2f} "
         f"schedules/s overall, {full['steady_candidates_per_second']:.2f}/s steady "
         f"({len(full['prompts'])} prompts, {full['steps']} steps, N={full['tokens']}; padding "
         f"{full['padding_overhead']:.2f}x, {full['compiled_variants']} programs)")

@@ -140,8 +140,10 @@ def test_batched_population_equals_generate_per_candidate(pipe, fitness):
   dense = pipe.generate([fitness.prompts[1]], dataclasses.replace(fitness.cfg, seed=1),
                         progress=False)
   np.testing.assert_allclose(fitness.dense[1], dense.latents[0], atol=1e-4)
-  # Grouping is by k: one program per (k, bucket), never one per candidate.
+  # Grouping is by k: one program per (k, bucket), never one per candidate; the programs were
+  # compiled ahead of the loops (the latents above equal `generate`, which does not use them).
   assert {k for k, _ in fitness.variants} <= {0, 40, 80}
+  assert 0 < fitness.compiled_ahead <= len(fitness.variants)
 
 
 def test_small_search_is_deterministic_and_resumable(fitness, tmp_path):

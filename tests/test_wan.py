@@ -224,3 +224,18 @@ def test_bad_inputs_and_configs():
   config = wan.WanConfig.preset("tiny")
   assert wan.WanConfig.from_dict(config.to_dict()) == config
   assert dataclasses.replace(config, patch_size=[1, 2, 2]).patch_size == (1, 2, 2)
+
+
+def test_fused_projections_equal_separate_ones():
+  fused, separate = _tiny(), _tiny(fuse_projections=False)
+  args = _inputs(fused)
+  np.testing.assert_allclose(np.asarray(_jit_call(fused, *args)),
+                             np.asarray(_jit_call(separate, *args)), rtol=1e-5, atol=1e-5)
+  # The selected-rows path fuses only k and v; its rows still equal the dense ones.
+  block, h = _block(fused, 0), jax.random.normal(jax.random.key(3), (1, 6, 24))
+  q, k, v = block.attn1.project_qkv(h)
+  k2, v2 = block.attn1.project_kv(h)
+  np.testing.assert_allclose(np.asarray(q), np.asarray(block.attn1.project_q(h)), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(k), np.asarray(k2), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(v), np.asarray(v2), rtol=1e-5, atol=1e-6)

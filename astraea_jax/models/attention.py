@@ -77,10 +77,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-                       implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+                       implementation: str | None = None,
+                       kv_len: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention that also returns each query's log-sum-exp, `lse [B, H, S]` (fp32, natural log, scaled scores).
 
   The Astraea token scorer needs the LSE of every computed query; see `pallas_kernels.selected_query_attention`.
+  `kv_len` (an int or `[B]` ints) ignores the keys at index >= kv_len: a key mask that is a prefix of each row.
   """
   import pallas_kernels  # pylint: disable=import-outside-toplevel
 
@@ -90,4 +92,5 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
   # own names ("mosaic_gpu", "chunked", "reference") pin the LSE kernel, else it picks for the platform.
   if implementation not in pallas_kernels.IMPLEMENTATIONS:
     implementation = None
-  return pallas_kernels.selected_query_attention(q, k, v, scale=scale, implementation=implementation)
+  return pallas_kernels.selected_query_attention(q, k, v, scale=scale, kv_len=kv_len,
+                                                 implementation=implementation)

@@ -28,6 +28,7 @@ from astraea_jax.cli_support import load_model, run_main
 
 DEFAULT_BUDGET = 0.5
 DEFAULT_NUM_PROMPTS = 4  # the paper calibrates on 4 prompts
+NO_AUTOTUNE = {"xla_gpu_autotune_level": 0}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -83,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "short")
   g.add_argument("--min-bucket", type=int, default=8,
                  help="smallest padded group of batch rows sharing a token budget (default 8)")
+  g.add_argument("--compile-threads", type=int, default=None, metavar="N",
+                 help="threads compiling the programs a batch of candidates needs before it runs "
+                      "(default: one per CPU core; 0 compiles each on first use)")
+  g.add_argument("--no-autotune", action="store_true",
+                 help="compile the candidates' programs without GPU kernel autotuning (much "
+                      "faster compiles on a GPU, possibly slower steps)")
+  g.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
+                 help="persistent XLA compilation cache, so that a resumed or repeated search "
+                      "skips compiling")
   g.add_argument("--quiet", action="store_true", help="no progress bar")
   return p
 
@@ -109,6 +119,8 @@ def _check_numbers(args) -> None:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
   if args.population < 2:
     raise ValueError(f"--population {args.population} must be at least 2")
+  if args.compile_threads is not None and args.compile_threads < 0:
+    raise ValueError(f"--compile-threads {args.compile_threads} must be 0 or more")
   if args.max_batch is not None and args.max_batch < 1:
     raise ValueError(f"--max-batch {args.max_batch} must be positive")
   for name in ("mutation_start", "mutation_end"):
@@ -140,6 +152,12 @@ def run(argv: list[str] | None = None) -> int:
                 num_generations=args.generations, mutation_start=args.mutation_start,
                 mutation_end=args.mutation_end)
 
+  if args.compile_cache is not None:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    args.compile_cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   pipe = load_model(args.model)
   overrides = {k: v for k, v in dict(frames=args.frames, steps=args.steps,
                                      guidance=args.guidance).items() if v is not None}
@@ -158,7 +176,8 @@ def run(argv: list[str] | None = None) -> int:
         f"{cfg.width}x{cfg.height}, {cfg.frames} frames, {ga.num_evaluations} schedules",
         file=sys.stderr)
   fitness = PopulationFitness(pipe, prompts, cfg, chunk=chunk, min_bucket=args.min_bucket,
-                              dense=dense)
+                              dense=dense, compile_workers=args.compile_threads,
+                              compiler_options=NO_AUTOTUNE if args.no_autotune else None)
   meta = {"model": args.model, "prompts": prompts, "size": f"{cfg.width}x{cfg.height}",
           "frames": cfg.frames, "guidance": cfg.guidance, "solver": cfg.solver}
   result = run_search(space, ga, levels_evaluator(space, fitness), seed=args.seed,

@@ -25,8 +25,12 @@ rows at once. Step 0 is dense for every row (the token cache starts there).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import threading
+import time
 from collections.abc import Sequence
 
 import jax
@@ -113,6 +117,11 @@ def _group_step(graphdef, state, latents, timestep, context, cache, out, rows, *
   return put(out, y, 0), cache
 
 
+# Ahead-of-time compiled group steps: (jitted fn, k, bucket, latents shape, context shape) -> program.
+_COMPILED: dict[tuple, object] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=32)
 def _jit_group_step(graphdef, config: AstraeaConfig):
   # One jitted function per model and config, shared by every chunk and generation of a search.
@@ -130,6 +139,10 @@ class PopulationStepModel:
     context: `[B', M, text_dim]` text embeddings of the rows.
     config: scoring and cache options.
     min_bucket: smallest padded group size.
+    compile_workers: threads that compile the missing (k, bucket) programs before step 1 (None:
+      one per CPU core; 0: compile each on first use instead).
+    compiler_options: XLA options for those ahead-of-time compiles, e.g.
+      `{"xla_gpu_autotune_level": 0}` (no GPU kernel autotuning: much faster compiles).
 
   `self.variants` collects the (k, bucket) pairs run, each one compiled program;
   `self.token_rows` and `self.padded_token_rows` sum k over the real and the padding rows of every
@@ -137,7 +150,8 @@ class PopulationStepModel:
   """
 
   def __init__(self, model, row_ks: np.ndarray, context: jax.Array, *,
-               config: AstraeaConfig = AstraeaConfig(), min_bucket: int = 8):
+               config: AstraeaConfig = AstraeaConfig(), min_bucket: int = 8,
+               compile_workers: int | None = None, compiler_options: dict | None = None):
     self._graphdef, self._state = nnx.split(model)
     self.row_ks = np.asarray(row_ks, np.int64)
     if self.row_ks.ndim != 2 or self.row_ks.shape[0] != context.shape[0]:
@@ -151,9 +165,52 @@ class PopulationStepModel:
     self.variants: set[tuple[int, int]] = set()
     self.token_rows = 0
     self.padded_token_rows = 0
+    self.compiled_ahead = 0
+    self.compile_ahead_seconds = 0.0
+    self.compiler_options = dict(compiler_options or {})
+    self.compile_workers = (os.cpu_count() or 1) if compile_workers is None else compile_workers
     self._first = jit_astraea_step(self._graphdef, config=config)
     self._group = _jit_group_step(self._graphdef, config)
     self._out_dtype = None
+
+  def _groups(self, step_index: int) -> list[tuple[int, np.ndarray, int]]:
+    """(k, rows, bucket) of every row group at a step after the first."""
+    ks = self.row_ks[:, step_index]
+    batch = ks.shape[0]
+    out = []
+    for k in np.unique(ks):
+      rows = np.flatnonzero(ks == k)
+      out.append((int(k), rows, _bucket(rows.size, self.min_bucket, batch)))
+    return out
+
+  def _key(self, k: int, bucket: int, latents: jax.Array) -> tuple:
+    return (self._group, k, bucket, latents.shape, latents.dtype.name, self.context.shape,
+            tuple(sorted(self.compiler_options.items())))
+
+  def _compile_ahead(self, latents, timestep, carry, out) -> None:
+    """Compiles, in parallel threads, every (k, bucket) program this chunk needs and lacks."""
+    pairs = {(k, bucket) for s in range(1, self.row_ks.shape[1]) for k, _, bucket in self._groups(s)}
+    with _COMPILED_LOCK:
+      missing = sorted(p for p in pairs if self._key(*p, latents) not in _COMPILED)
+    if not missing or self.compile_workers < 1:
+      return
+
+    def compile_one(pair):
+      k, bucket = pair
+      idx = jnp.zeros((bucket,), jnp.int32)
+      program = self._group.lower(self._state, latents, timestep, self.context, carry, out, idx,
+                                  num_selected=k).compile(
+                                      compiler_options=self.compiler_options or None)
+      with _COMPILED_LOCK:
+        _COMPILED[self._key(k, bucket, latents)] = program
+
+    start = time.perf_counter()
+    workers = min(self.compile_workers, len(missing))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for f in [pool.submit(compile_one, p) for p in missing]:
+        f.result()
+    self.compiled_ahead += len(missing)
+    self.compile_ahead_seconds += time.perf_counter() - start
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:
@@ -172,16 +229,22 @@ class PopulationStepModel:
       self._out_dtype = out.dtype
       return out, carry
     out = jnp.zeros(latents.shape, self._out_dtype)
-    for k in np.unique(ks):
-      rows = np.flatnonzero(ks == k)
-      bucket = _bucket(rows.size, self.min_bucket, batch)
+    if step_index == 1:
+      self._compile_ahead(latents, timestep, carry, out)
+    for k, rows, bucket in self._groups(step_index):
       idx = np.full((bucket,), batch, np.int32)
       idx[:rows.size] = rows
-      self.variants.add((int(k), bucket))
-      self.token_rows += int(k) * rows.size
-      self.padded_token_rows += int(k) * (bucket - rows.size)
-      out, carry = self._group(self._state, latents, timestep, self.context, carry, out,
-                               jnp.asarray(idx), num_selected=int(k))
+      self.variants.add((k, bucket))
+      self.token_rows += k * rows.size
+      self.padded_token_rows += k * (bucket - rows.size)
+      with _COMPILED_LOCK:
+        program = _COMPILED.get(self._key(k, bucket, latents))
+      if program is not None:
+        out, carry = program(self._state, latents, timestep, self.context, carry, out,
+                             jnp.asarray(idx))
+      else:
+        out, carry = self._group(self._state, latents, timestep, self.context, carry, out,
+                                 jnp.asarray(idx), num_selected=k)
     return out, carry
 
 
@@ -223,6 +286,9 @@ class PopulationFitness:
     min_bucket: smallest padded row group (see `PopulationStepModel`): larger means fewer compiled
       programs but more padding rows computed.
     dense: `[P, C, T, Y, X]` dense final latents, e.g. from a resumed search; computed if None.
+    compile_workers: threads compiling a chunk's missing programs ahead of its loop (None: one
+      per CPU core; 0: compile on first use).
+    compiler_options: XLA options of those compiles (see `PopulationStepModel`).
   """
 
   pipeline: WanPipeline
@@ -232,6 +298,8 @@ class PopulationFitness:
   astraea: AstraeaConfig = AstraeaConfig()
   min_bucket: int = 8
   dense: np.ndarray | None = None
+  compile_workers: int | None = None
+  compiler_options: dict | None = None
 
   def __post_init__(self):
     self.prompts = list(self.prompts)
@@ -264,6 +332,8 @@ class PopulationFitness:
                        f"{(num, *self.latent_shape)}")
     self._dense_dev = jnp.asarray(self.dense)
     self.variants: set[tuple[int, int]] = set()
+    self.compiled_ahead = 0
+    self.compile_ahead_seconds = 0.0
     self.candidates_evaluated = 0
     self.token_rows = 0
     self.padded_token_rows = 0
@@ -304,11 +374,15 @@ class PopulationFitness:
         part = np.concatenate([part, np.broadcast_to(pad, (self.chunk - n, self.cfg.steps))])
       step_model = PopulationStepModel(self.pipeline.transformer, self.row_ks(part),
                                        self._context, config=self.astraea,
-                                       min_bucket=self.min_bucket)
+                                       min_bucket=self.min_bucket,
+                                       compile_workers=self.compile_workers,
+                                       compiler_options=self.compiler_options)
       latents, _, _ = denoise(step_model, self._rows_noise, self.scheduler, self.scheduler_state,
                               guidance_scale=self.cfg.guidance, progress=False,
                               prediction=self.pipeline.prediction)
       self.variants |= step_model.variants
+      self.compiled_ahead += step_model.compiled_ahead
+      self.compile_ahead_seconds += step_model.compile_ahead_seconds
       self.token_rows += step_model.token_rows
       self.padded_token_rows += step_model.padded_token_rows
       self.candidates_evaluated += n
