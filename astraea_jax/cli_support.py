@@ -12,12 +12,17 @@ from collections.abc import Callable
 
 
 def load_model(name: str):
-  """'default', a converted Wan2.1 folder, or a release folder (diffusers or original layout)."""
+  """'default', a converted Wan2.1 folder, a Wan2.1 release folder (diffusers or original layout),
+  or a converted OpenSora v1.2 folder (`python -m checkpoints_convert opensora_t2v`)."""
   if name == "default":
     from astraea_jax.default_model import load_default_pipeline  # pylint: disable=import-outside-toplevel
     return load_default_pipeline()
   from astraea_jax.pipelines import folder_kind, load_wan_pipeline  # pylint: disable=import-outside-toplevel
+  from astraea_jax import pipeline_opensora  # pylint: disable=import-outside-toplevel
 
+  # An OpenSora folder has the same component folders as a converted Wan one: ask it first.
+  if pipeline_opensora.is_opensora_folder(name):
+    return pipeline_opensora.load_opensora_pipeline(name)
   if folder_kind(name) == "converted":
     return load_wan_pipeline(name)
   # The converters sit above the library; only the command-line layer reaches for them.

@@ -11,6 +11,17 @@ Examples:
 first (ASTRAEA, arXiv 2506.05096); `--schedule FILE` takes one theta per step from a JSON file written by
 `python -m astraea_jax.search`; `--dense` runs the unaccelerated model. Without any of the three, the
 default budget 0.5 is used.
+
+`--method` picks a peer method instead of ASTRAEA (`astraea_jax.acceleration`):
+
+  python -m astraea_jax.generate --method teacache --cache-threshold 0.1     # TeaCache, 2411.19108
+  python -m astraea_jax.generate --method easycache --cache-threshold 0.05   # EasyCache, 2507.02860
+  python -m astraea_jax.generate --method pab --pab-self-range 2 --pab-cross-range 6   # PAB, 2408.12588
+  python -m astraea_jax.generate --method step-skip --skip-interval 2       # every 2nd step
+  python -m astraea_jax.generate --method easycache --budget 0.5            # composed with ASTRAEA
+
+EasyCache and step skipping compose with `--budget` / `--schedule` (whole steps reused, token budgets
+on the computed ones); without either they wrap the dense model.
 """
 
 from __future__ import annotations
@@ -18,12 +29,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
 from astraea_jax.cli_support import load_model, run_main
 
 DEFAULT_BUDGET = 0.5
+METHODS = ("astraea", "teacache", "easycache", "pab", "step-skip")
+# Knob flag -> the methods it applies to.
+_KNOBS = {
+    "cache_threshold": ("teacache", "easycache"), "cache_warmup": ("teacache", "easycache"),
+    "cache_cutoff": ("teacache", "easycache"), "teacache_coefficients": ("teacache",),
+    "teacache_indicator": ("teacache",), "pab_self_range": ("pab",), "pab_cross_range": ("pab",),
+    "pab_window": ("pab",), "skip_interval": ("step-skip",), "skip_warmup": ("step-skip",),
+}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -94,6 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
                  help="with --budget: run this fraction of the first steps dense (e.g. 0.2)")
   g.add_argument("--compare-dense", action="store_true",
                  help="also run the dense model and report its time and the PSNR/SSIM against it")
+  g = p.add_argument_group(
+      "peer methods (values are checked after parsing: a bad one is an error line, exit 1)")
+  g.add_argument("--method", default="astraea", metavar="{" + ",".join(METHODS) + "}",
+                 help="acceleration method (default astraea). teacache: TeaCache whole-step "
+                      "reuse; easycache: EasyCache; pab: Pyramid Attention Broadcast; step-skip: "
+                      "compute every k-th step. easycache and step-skip compose with --budget / "
+                      "--schedule")
+  g.add_argument("--cache-threshold", default=None, metavar="X",
+                 help="teacache: rel_l1_thresh (default 0.1); easycache: tau (default 0.05); "
+                      "0 computes every step")
+  g.add_argument("--cache-warmup", default=None, metavar="STEPS",
+                 help="teacache / easycache: first steps always computed (default 1 / 2)")
+  g.add_argument("--cache-cutoff", default=None, metavar="STEPS",
+                 help="teacache / easycache: last steps always computed (default 1)")
+  g.add_argument("--teacache-coefficients", default=None, metavar="NAME",
+                 help="teacache rescaling polynomial: none (default), wan2.1-t2v-1.3b, "
+                      "wan2.1-t2v-14b (fitted on the real checkpoints)")
+  g.add_argument("--teacache-indicator", default=None, metavar="NAME",
+                 help="teacache indicator: modulated-input (default) or timestep-embedding")
+  g.add_argument("--pab-self-range", default=None, metavar="K",
+                 help="pab: self-attention runs every K steps inside the window (default 2)")
+  g.add_argument("--pab-cross-range", default=None, metavar="K",
+                 help="pab: cross-attention runs every K steps inside the window (default 6)")
+  g.add_argument("--pab-window", default=None, metavar="T0,T1",
+                 help="pab: timesteps (1000 = noise) in which attention is reused (default 100,800)")
+  g.add_argument("--skip-interval", default=None, metavar="K",
+                 help="step-skip: compute every K-th step, reuse the last output otherwise "
+                      "(default 2)")
+  g.add_argument("--skip-warmup", default=None, metavar="STEPS",
+                 help="step-skip: first steps always computed (default 1)")
   g = p.add_argument_group("devices")
   g.add_argument("--devices", type=_positive, default=None, metavar="N",
                  help="shard over the first N devices (1: one device; default: every visible GPU "
@@ -136,6 +186,92 @@ def _outputs(out: Path, n: int) -> list[Path]:
   return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(n)]
 
 
+_FIELD_FLAGS = {
+    ("teacache", "rel_l1_thresh"): "--cache-threshold", ("easycache", "threshold"): "--cache-threshold",
+    ("teacache", "warmup"): "--cache-warmup", ("easycache", "warmup"): "--cache-warmup",
+    ("teacache", "cutoff"): "--cache-cutoff", ("easycache", "cutoff"): "--cache-cutoff",
+    ("pab", "self_range"): "--pab-self-range", ("pab", "cross_range"): "--pab-cross-range",
+    ("pab", "t_start"): "--pab-window", ("pab", "t_end"): "--pab-window",
+    ("step-skip", "interval"): "--skip-interval", ("step-skip", "warmup"): "--skip-warmup",
+}
+
+
+def _number(text: str, flag: str, kind=float):
+  try:
+    return kind(text)
+  except ValueError:
+    raise ValueError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got "
+                     f"{text!r}") from None
+
+
+def peer_config(args):
+  """The config of `--method` from its knob flags (None for astraea); ValueError on bad values."""
+  from astraea_jax.acceleration.attention_broadcast import PABConfig  # pylint: disable=import-outside-toplevel
+  from astraea_jax.acceleration.step_cache import (  # pylint: disable=import-outside-toplevel
+      COEFFICIENTS, EasyCacheConfig, TeaCacheConfig)
+  from astraea_jax.acceleration.step_skip import StepSkipConfig  # pylint: disable=import-outside-toplevel
+
+  method = args.method
+  if method not in METHODS:
+    raise ValueError(f"--method {method!r} must be one of {', '.join(METHODS)}")
+  for name, methods in _KNOBS.items():
+    if getattr(args, name) is not None and method not in methods:
+      raise ValueError(f"--{name.replace('_', '-')} applies to --method {' / '.join(methods)} only")
+  if method == "astraea":
+    return None
+  if args.dense:
+    raise ValueError(f"--dense applies to --method astraea only (--method {method} without "
+                     "--budget / --schedule already wraps the dense model)")
+  if method in ("teacache", "pab") and (args.budget is not None or args.schedule is not None):
+    raise ValueError(f"--method {method} replaces the whole forward: it does not combine with "
+                     "--budget / --schedule (easycache and step-skip do)")
+  kw = {}
+  if method in ("teacache", "easycache"):
+    if args.cache_threshold is not None:
+      kw["rel_l1_thresh" if method == "teacache" else "threshold"] = _number(
+          args.cache_threshold, "--cache-threshold")
+    if args.cache_warmup is not None:
+      kw["warmup"] = _number(args.cache_warmup, "--cache-warmup", int)
+    if args.cache_cutoff is not None:
+      kw["cutoff"] = _number(args.cache_cutoff, "--cache-cutoff", int)
+    if args.teacache_coefficients is not None:
+      if args.teacache_coefficients not in COEFFICIENTS:
+        raise ValueError(f"--teacache-coefficients {args.teacache_coefficients!r} must be one of "
+                         f"{', '.join(COEFFICIENTS)}")
+      kw["coefficients"] = COEFFICIENTS[args.teacache_coefficients]
+    if args.teacache_indicator is not None:
+      names = {"modulated-input": "modulated_input", "timestep-embedding": "timestep_embedding"}
+      if args.teacache_indicator not in names:
+        raise ValueError(f"--teacache-indicator {args.teacache_indicator!r} must be one of "
+                         f"{', '.join(names)}")
+      kw["indicator"] = names[args.teacache_indicator]
+    config_type = TeaCacheConfig if method == "teacache" else EasyCacheConfig
+  elif method == "pab":
+    if args.pab_self_range is not None:
+      kw["self_range"] = _number(args.pab_self_range, "--pab-self-range", int)
+    if args.pab_cross_range is not None:
+      kw["cross_range"] = _number(args.pab_cross_range, "--pab-cross-range", int)
+    if args.pab_window is not None:
+      parts = args.pab_window.split(",")
+      if len(parts) != 2:
+        raise ValueError(f"--pab-window must look like 100,800 (T0,T1), got {args.pab_window!r}")
+      kw["t_start"], kw["t_end"] = (_number(v, "--pab-window") for v in parts)
+    config_type = PABConfig
+  else:
+    if args.skip_interval is not None:
+      kw["interval"] = _number(args.skip_interval, "--skip-interval", int)
+    if args.skip_warmup is not None:
+      kw["warmup"] = _number(args.skip_warmup, "--skip-warmup", int)
+    config_type = StepSkipConfig
+  try:
+    return config_type(**kw)
+  except ValueError as e:
+    # The configs name the field ("warmup=0 must ..."): name the flag that set it instead.
+    match = re.match(r"(?:self\.)?(\w+)=", str(e))
+    flag = _FIELD_FLAGS.get((method, match.group(1)) if match else None)
+    raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
+
+
 def run(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help and usage errors are instant.
@@ -150,6 +286,7 @@ def run(argv: list[str] | None = None) -> int:
   devices = args.devices or (None if parallel.default_num_devices() > 1 else 1)
 
   prompts = _prompts(args)
+  peer = peer_config(args)  # flag errors before loading the model
   pipe = load_model(args.model)
   if prompts is None:
     if pipe.default_prompt is None:
@@ -168,7 +305,7 @@ def run(argv: list[str] | None = None) -> int:
   cfg = dataclasses.replace(pipe.defaults, seed=args.seed, solver=args.solver, **overrides)
   pipe.latent_shape(cfg)  # validate size and frames before loading anything else
 
-  if args.dense:
+  if args.dense or (peer is not None and args.budget is None and args.schedule is None):
     schedule = None
   elif args.schedule is not None:
     try:
@@ -188,11 +325,19 @@ def run(argv: list[str] | None = None) -> int:
 
   progress = not args.quiet
   label = "dense" if schedule is None else f"schedule {schedule.name or 'from file'}"
+  method = None
+  if peer is not None:
+    from astraea_jax.pipeline import step_method  # pylint: disable=import-outside-toplevel
+    if devices != 1:
+      raise ValueError(f"--method {args.method} runs on one device: use --devices 1")
+    method = step_method(peer, schedule=schedule)
+    label = f"{args.method} {_knobs(peer)}" + ("" if schedule is None else f" around {label}")
   print(f"{pipe.name}: {len(prompts)} prompt(s), {cfg.width}x{cfg.height}, {cfg.frames} frames, "
         f"{cfg.steps} steps, guidance {cfg.guidance:g}, {label}", file=sys.stderr)
-  result = pipe.generate(prompts, cfg, schedule=schedule, progress=progress, devices=devices)
+  result = pipe.generate(prompts, cfg, schedule=None if method else schedule, progress=progress,
+                         devices=devices, method=method)
   dense = None
-  if args.compare_dense and schedule is not None:
+  if args.compare_dense and (schedule is not None or method is not None):
     dense = pipe.generate(prompts, cfg, schedule=None, progress=progress, devices=devices)
 
   # Every host holds the whole result; one writes it.
@@ -210,6 +355,11 @@ def run(argv: list[str] | None = None) -> int:
   budget = "dense" if schedule is None else (
       f"budget {schedule.mean:.2f} (first step dense: {schedule.effective_mean(n_tokens):.2f} of "
       f"N={n_tokens} tokens computed on average)")
+  if peer is not None:
+    budget = f"{args.method} {_knobs(peer)}" + ("" if schedule is None else f" around {budget}")
+  if result.step_records is not None:
+    from astraea_jax.acceleration.method_stats import summary_line  # pylint: disable=import-outside-toplevel
+    budget += f" | {summary_line(result.step_records, result.num_layers)}"
   print(f"wrote {', '.join(map(str, outs))} | {budget} | total {result.total_seconds:.1f} s "
         f"(text {result.encode_seconds:.1f} s, denoise {stats.total_seconds:.1f} s, "
         f"decode {result.decode_seconds:.1f} s) | {stats.steady_step_seconds * 1e3:.0f} ms/step "
@@ -223,6 +373,13 @@ def run(argv: list[str] | None = None) -> int:
           f"speedup {speedup:.2f}x (denoising, compile time excluded) | PSNR {p:.2f} dB, "
           f"SSIM {s:.4f} vs dense")
   return 0
+
+
+def _knobs(config) -> str:
+  """e.g. "(rel_l1_thresh=0.1, warmup=1, cutoff=1)": the config's fields."""
+  fields = ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+                     if f.name not in ("coefficients", "indicator") or getattr(config, f.name))
+  return f"({fields})"
 
 
 def _compute_seconds(stats) -> float:

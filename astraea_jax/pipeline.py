@@ -5,7 +5,9 @@ The pipeline follows Wan2.1's text-to-video loop (wan/text2video.py in Wan-Video
 every step runs the transformer on the (cond, uncond) pair and mixes them with classifier-free guidance, the
 flow-matching UniPC solver advances the latents, and the decoder turns the final latents into frames. With a
 `BudgetSchedule`, the transformer is ASTRAEA's token-wise accelerated forward (arXiv 2506.05096): step t
-computes `round(theta_t * N)` tokens per block and reuses the token cache for the rest.
+computes `round(theta_t * N)` tokens per block and reuses the token cache for the rest. A `method`
+factory plugs in any other step model (the peer methods of `astraea_jax.acceleration`: TeaCache,
+EasyCache, PAB, uniform step skipping, alone or around ASTRAEA).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration import AstraeaConfig, AstraeaStepModel, BudgetSchedule
+from astraea_jax.acceleration.attention_broadcast import PABConfig, PABStepModel
+from astraea_jax.acceleration.method_stats import StepRecord
+from astraea_jax.acceleration.step_cache import (EasyCacheConfig, EasyCacheStepModel,
+                                                 TeaCacheConfig, TeaCacheStepModel)
+from astraea_jax.acceleration.step_skip import StepSkipConfig, StepSkipStepModel
 from astraea_jax.models.wan import WanTransformer3DModel
 from astraea_jax import parallel
 from astraea_jax.sampling.loop import DenoiseStats, denoise
@@ -34,6 +41,10 @@ WAN_NEGATIVE_PROMPT = (
     "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused "
     "fingers, still picture, messy background, three legs, many people in the background, walking "
     "backwards")
+
+
+# method(transformer, context [B', M, text_dim], *, num_steps) -> a `denoise` step model.
+StepMethod = Callable[..., Any]
 
 
 class GenerationError(ValueError):
@@ -92,6 +103,9 @@ class GenerationResult:
   decode_seconds: float
   num_tokens: int
   schedule: BudgetSchedule | None
+  # What the step model computed per step (`method_stats.StepRecord`), when it keeps records.
+  step_records: tuple[StepRecord, ...] | None = None
+  num_layers: int = 0
 
   @property
   def total_seconds(self) -> float:
@@ -104,6 +118,7 @@ class DenseStepModel:
   def __init__(self, model: WanTransformer3DModel, context: jax.Array):
     self._graphdef, self._state = nnx.split(model)
     self.context = context
+    self.num_layers = model.config.num_layers
 
   def __call__(self, latents, timestep, carry, step_index):
     del step_index
@@ -114,6 +129,44 @@ class DenseStepModel:
 def _dense_forward(graphdef, state, latents, timestep, context):
   # jax.jit over the split state, not nnx.jit: the latter returns the parameters and XLA copies them.
   return nnx.merge(graphdef, state)(latents, timestep, context)
+
+
+PeerConfig = TeaCacheConfig | EasyCacheConfig | PABConfig | StepSkipConfig
+
+
+def step_method(config: PeerConfig, *, schedule: BudgetSchedule | None = None,
+                astraea: AstraeaConfig = AstraeaConfig(), decisions=None) -> StepMethod:
+  """The `WanPipeline.generate(method=...)` factory of a peer method, picked by its config type.
+
+  EasyCache and uniform step skipping wrap another step model: ASTRAEA with `schedule` if given (the
+  composition: reuse whole steps, token budgets on the computed ones), else the dense transformer.
+  TeaCache and PAB own the forward, so they take no schedule. `decisions` (TeaCache, EasyCache)
+  forces compute / reuse per step (see `TeaCacheStepModel`).
+  """
+  if schedule is not None and isinstance(config, (TeaCacheConfig, PABConfig)):
+    raise GenerationError(f"{type(config).__name__} replaces the whole forward and does not combine "
+                          "with a budget schedule")
+
+  def inner(model, context):
+    if schedule is None:
+      return DenseStepModel(model, context)
+    return AstraeaStepModel(model, schedule, context, config=astraea)
+
+  def build(model, context, *, num_steps):
+    if schedule is not None and len(schedule) != num_steps:
+      raise GenerationError(f"the schedule has {len(schedule)} steps, the request {num_steps}")
+    if isinstance(config, TeaCacheConfig):
+      return TeaCacheStepModel(model, context, config, num_steps=num_steps, decisions=decisions)
+    if isinstance(config, PABConfig):
+      return PABStepModel(model, context, config, num_steps=num_steps)
+    if isinstance(config, EasyCacheConfig):
+      return EasyCacheStepModel(inner(model, context), config, num_steps=num_steps,
+                                decisions=decisions)
+    if isinstance(config, StepSkipConfig):
+      return StepSkipStepModel(inner(model, context), config)
+    raise TypeError(f"no step method for {type(config).__name__}")
+
+  return build
 
 
 @dataclasses.dataclass
@@ -171,8 +224,11 @@ class WanPipeline:
                schedule: BudgetSchedule | None = None,
                astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True,
                noise: jax.Array | np.ndarray | None = None,
-               devices: int | None = 1) -> GenerationResult:
+               devices: int | None = 1, method: StepMethod | None = None) -> GenerationResult:
     """Generates one video per prompt (a batch), dense or with a token-budget schedule.
+
+    `method(transformer, context, num_steps=cfg.steps)`, if given, builds the step model instead
+    (one device only; `schedule` is then only checked for length, the method owns its use).
 
     `noise` `[B, C, T, Y, X]` replaces the initial latents drawn from `cfg.seed` (e.g. to reproduce
     another implementation's run from the same starting point). `devices`: 1 runs on one device;
@@ -214,11 +270,16 @@ class WanPipeline:
                             f"latents {(b, c, t, y, x)}")
     noise = jnp.asarray(noise, jnp.float32)
 
-    if mesh is not None:
-      step_model: Any = (parallel.ShardedDenseStepModel(self.transformer, context, mesh)
-                         if schedule is None else
-                         parallel.ShardedAstraeaStepModel(self.transformer, schedule, context, mesh,
-                                                          config=astraea))
+    if method is not None:
+      if mesh is not None:
+        raise GenerationError("an acceleration method other than ASTRAEA runs on one device only: "
+                              "use devices=1")
+      step_model: Any = method(self.transformer, context, num_steps=cfg.steps)
+    elif mesh is not None:
+      step_model = (parallel.ShardedDenseStepModel(self.transformer, context, mesh)
+                    if schedule is None else
+                    parallel.ShardedAstraeaStepModel(self.transformer, schedule, context, mesh,
+                                                     config=astraea))
     elif schedule is None:
       step_model = DenseStepModel(self.transformer, context)
     else:
@@ -231,5 +292,8 @@ class WanPipeline:
     decode_seconds = time.perf_counter() - start
     frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
     frames = np.moveaxis(frames, 1, -1)  # [B, F, H, W, 3]
+    records = getattr(step_model, "records", None)
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
-                            self.num_tokens(cfg), schedule)
+                            self.num_tokens(cfg), schedule,
+                            None if records is None else tuple(records),
+                            self.transformer.config.num_layers)

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration.config import AstraeaConfig
+from astraea_jax.acceleration.method_stats import StepRecord
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import TokenCache
 from astraea_jax.acceleration.token_selection import (
@@ -307,6 +308,11 @@ class AstraeaStepModel:
   `k = round(theta * N)` (step 0 dense), and threads the token cache through the loop as the carry.
   The forward is jitted once per distinct k, with the cache donated so that it is updated in place.
 
+  theta = 0 (k = 0) is a whole-step cache hit, as in step caching (TeaCache, EasyCache): no block
+  runs; the head reads the last block's cached output under the current step's modulation (the
+  patch embedding is dead code there and XLA drops it). Every step appends a `StepRecord` to
+  `self.records` (0 blocks at k = 0), timed or not.
+
   Args:
     model: the Wan transformer.
     schedule: one theta per denoising step.
@@ -325,6 +331,8 @@ class AstraeaStepModel:
     self.config = config
     self.timed = timed
     self.stats: list[StepStat] = []
+    self.records: list[StepRecord] = []
+    self.num_layers = model.config.num_layers
     self._seen: set[tuple[int, bool]] = set()  # (k, has cache): each compiles once
     self._jitted = jit_astraea_step(self._graphdef, config=config)
 
@@ -349,5 +357,8 @@ class AstraeaStepModel:
       self.stats.append(StepStat(step_index, self.schedule.theta(step_index), k,
                                  time.perf_counter() - start, variant not in self._seen))
     self._seen.add(variant)
+    tokens = k / (num_video_tokens(self._patch_size, latents.shape))
+    self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", tokens) if k else
+                        StepRecord.reused(step_index, "k=0"))
     return out, carry
 

@@ -15,26 +15,32 @@ import jax.numpy as jnp
 AttentionFn = Callable[..., jax.Array]
 
 
-def _xla(q, k, v, *, scale, key_mask=None):
+def _xla(q, k, v, *, scale, key_mask=None, kv_len=None):
   # Scores and softmax in fp32 whatever the input dtype; explicit casts keep strict promotion happy.
   s = jnp.einsum("bshd,bnhd->bhsn", q, k, preferred_element_type=jnp.float32) * scale  # [B, H, S, N]
+  if kv_len is not None:
+    s = jnp.where(jnp.arange(k.shape[1])[None, None, None, :] < kv_len[:, None, None, None], s, -jnp.inf)
   if key_mask is not None:
     s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   return jnp.einsum("bhsn,bnhd->bshd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def _cudnn(q, k, v, *, scale, key_mask=None):
-  mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N] broadcasts over H and S
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
+def _cudnn(q, k, v, *, scale, key_mask=None, kv_len=None):
+  mask = None
+  if key_mask is not None:
+    # cuDNN takes a mask only at full [B, 1, S, N]; fine for the short masked calls (text keys).
+    mask = jnp.broadcast_to(key_mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, key_value_seq_lengths=kv_len,
+                                      implementation="cudnn")
 
 
-def _pallas(q, k, v, *, scale, key_mask=None):
+def _pallas(q, k, v, *, scale, key_mask=None, kv_len=None):
   import pallas_kernels  # pylint: disable=import-outside-toplevel
 
-  if key_mask is not None:  # the kernel has no mask; masked calls are the short text cross-attentions
-    return _cudnn(q, k, v, scale=scale, key_mask=key_mask)
-  out, _ = pallas_kernels.selected_query_attention(q, k, v, scale=scale)
+  if key_mask is not None:  # the kernel takes key lengths, not a general mask
+    return _cudnn(q, k, v, scale=scale, key_mask=key_mask, kv_len=kv_len)
+  out, _ = pallas_kernels.selected_query_attention(q, k, v, scale=scale, kv_len=kv_len)
   return out
 
 
@@ -52,15 +58,19 @@ def default_implementation(dtype) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-              key_mask: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
-  """Softmax attention, `softmax(q k^T * scale) v`, with no mask.
+              key_mask: jax.Array | None = None, kv_len: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
+  """Softmax attention, `softmax(q k^T * scale) v`, optionally masked over keys.
 
   Args:
     q: `[B, S, H, D]` queries.
     k, v: `[B, N, H, D]` keys and values (N may differ from S).
     scale: score scale; defaults to `D ** -0.5`.
     key_mask: optional `[B, N]` bool, True for keys every query may attend to (e.g. the valid text
-      tokens of each sample). Every row must keep at least one key.
+      tokens of each sample). Every row must keep at least one key. Prefer `kv_len` where the mask
+      is a prefix: every implementation runs it natively (the Pallas kernel defers to cuDNN for a mask).
+    kv_len: optional `[B]` int, the number of valid keys of each sample: keys at index >= kv_len are
+      masked (text padding at the end). At least 1.
     implementation: one of `"xla"`, `"cudnn"`, `"pallas"`; None picks `default_implementation`.
 
   Returns:
@@ -73,7 +83,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     fn = _IMPLEMENTATIONS[name]
   except KeyError:
     raise ValueError(f"unknown attention {implementation=}; choose from {sorted(_IMPLEMENTATIONS)}") from None
-  return fn(q, k, v, scale=scale, key_mask=key_mask)
+  if kv_len is not None:
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+  return fn(q, k, v, scale=scale, key_mask=key_mask, kv_len=kv_len)
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,

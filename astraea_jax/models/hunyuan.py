@@ -375,7 +375,7 @@ def _attend(q, k, v, cond: HunyuanConditioning, impl: str | None, return_lse: bo
   LSE kernel with the mask as a key length otherwise. Returns `(o [B, S, H, D], lse or None)`."""
   if return_lse:
     return attention_lib.attention_with_lse(q, k, v, kv_len=cond.kv_len)
-  return attention_lib.attention(q, k, v, key_mask=cond.key_mask, implementation=impl), None
+  return attention_lib.attention(q, k, v, kv_len=cond.kv_len, implementation=impl), None
 
 
 class HunyuanRefinerBlock(nnx.Module):
@@ -397,11 +397,12 @@ class HunyuanRefinerBlock(nnx.Module):
     q, k, v = self.attn.qkv(self.norm1(x))  # [B, M, H, D]
     # The references mask pairs (query i, key j) by `mask_i & mask_j`, then re-open key 0 for
     # every query: valid queries see the valid keys plus key 0, padded queries see key 0 only. Two
-    # key-mask calls express that exactly.
-    first = jnp.broadcast_to(jnp.arange(mask.shape[1]) == 0, mask.shape)  # [B, M]
-    o_valid = attention_lib.attention(q, k, v, key_mask=mask | first,
-                                      implementation=self.attn_impl)
-    o_pad = attention_lib.attention(q, k, v, key_mask=first, implementation=self.attn_impl)
+    # calls express that exactly.
+    # Both masks are prefixes (the text mask is; key 0 starts it), so they run as key lengths.
+    valid = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1), 1)  # [B]
+    o_valid = attention_lib.attention(q, k, v, kv_len=valid, implementation=self.attn_impl)
+    o_pad = attention_lib.attention(q, k, v, kv_len=jnp.ones_like(valid),
+                                    implementation=self.attn_impl)
     o = jnp.where(mask[:, :, None, None], o_valid, o_pad)  # [B, M, H, D]
     gates = self.norm_out(temb)  # [B, 2, C]: attention, MLP
     x = gated_residual(x, self.attn.to_out(_flat(o).astype(x.dtype)), gates[:, 0])

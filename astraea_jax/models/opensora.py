@@ -423,7 +423,10 @@ class MultiHeadCrossAttention(nnx.Module):
     q = self.q_linear(x).reshape(b, n, self.heads, -1)  # [B, N, H, D]
     k, v = jnp.moveaxis(self.kv_linear(context).reshape(b, context.shape[1], 2, self.heads, -1),
                         2, 0)  # [B, M, H, D] each
-    o = attention_lib.attention(q, k, v, key_mask=context_mask, implementation=self.impl)
+    # The caption mask is a prefix (tokenizer padding at the end): a key length every
+    # implementation runs natively, as the original's per-sample sequence lengths.
+    kv_len = jnp.sum(context_mask.astype(jnp.int32), axis=1)  # [B]
+    o = attention_lib.attention(q, k, v, kv_len=kv_len, implementation=self.impl)
     return self.proj(o.reshape(b, n, -1))
 
 

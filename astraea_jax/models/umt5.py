@@ -64,6 +64,9 @@ class UMT5Config:
   feed_forward_proj: str = "gated-gelu"
   pad_token_id: int = 0
   eos_token_id: int = 1
+  # T5 / T5 v1.1 / mT5: only the first block owns a relative-position bias, and every block adds
+  # that one bias (transformers' `has_relative_attention_bias=bool(i == 0)`). umT5: False.
+  shared_relative_bias: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_kv", "num_heads", "d_ff", "num_layers"):
@@ -91,7 +94,10 @@ class UMT5Config:
     if config.get("model_type") not in (None, "umt5", "t5", "mt5"):
       raise ValueError(f"expected a umT5 config.json, got model_type={config.get('model_type')!r}")
     names = [f.name for f in dataclasses.fields(cls)]
-    return cls(**{k: config[k] for k in names if config.get(k) is not None})
+    kwargs = {k: config[k] for k in names if config.get(k) is not None}
+    # transformers' T5 and mT5 share the first layer's position bias; umT5 has one per layer.
+    kwargs.setdefault("shared_relative_bias", config.get("model_type") in ("t5", "mt5"))
+    return cls(**kwargs)
 
   @classmethod
   def preset(cls, name: str) -> UMT5Config:
@@ -215,20 +221,28 @@ class T5FeedForward(nnx.Module):
 
 
 class T5Block(nnx.Module):
-  """Pre-norm self-attention and feed-forward residual layers with the block's own position bias."""
+  """Pre-norm self-attention and feed-forward residual layers with the block's own position bias
+  (`has_relative_bias=False`: none; the caller passes the shared bias)."""
 
-  def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs,
+               has_relative_bias: bool = True):
     norm = functools.partial(T5LayerNorm, config.d_model, eps=config.layer_norm_epsilon,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = norm()
     self.attn = T5Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm2 = norm()
     self.ffn = T5FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.pos_embedding = RelativePositionBias(config, param_dtype=param_dtype, rngs=rngs)
+    self.pos_embedding = (RelativePositionBias(config, param_dtype=param_dtype, rngs=rngs)
+                          if has_relative_bias else None)
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None,
+               bias: jax.Array | None = None) -> jax.Array:
     m = x.shape[1]
-    x = x + self.attn(self.norm1(x), self.pos_embedding(m, m), key_mask)
+    if bias is None:
+      if self.pos_embedding is None:
+        raise ValueError("this block has no relative-position bias of its own: pass `bias`")
+      bias = self.pos_embedding(m, m)
+    x = x + self.attn(self.norm1(x), bias, key_mask)
     return x + self.ffn(self.norm2(x))
 
 
@@ -250,8 +264,9 @@ class UMT5Encoder(nnx.Module):
                                      param_dtype=param_dtype,
                                      embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.blocks = nnx.List([
-        T5Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(config.num_layers)
+        T5Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                has_relative_bias=not config.shared_relative_bias or i == 0)
+        for i in range(config.num_layers)
     ])
     self.norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
@@ -278,8 +293,12 @@ class UMT5Encoder(nnx.Module):
             f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
       key_mask = attention_mask != 0  # [B, M]
     x = self.token_embedding(input_ids)  # [B, M, C]
+    shared = None
+    if self.config.shared_relative_bias:
+      m = input_ids.shape[1]
+      shared = self.blocks[0].pos_embedding(m, m)  # [H, M, M], added by every block
     for block in self.blocks:
-      x = block(x, key_mask)
+      x = block(x, key_mask, shared)
     return self.norm(x)
 
   def embed(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

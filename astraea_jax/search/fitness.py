@@ -20,7 +20,9 @@ embeddings and token-cache rows, pads the group to a bucket size (the next power
 `min_bucket`, so compiled programs are bounded by the (k, bucket) pairs), runs the jitted ASTRAEA
 forward with that static k, and scatters the outputs and cache rows back. Every row selects its own
 tokens, so grouping does not change a row's result. The guidance and the scheduler then advance all
-rows at once. Step 0 is dense for every row (the token cache starts there).
+rows at once. Step 0 is dense for every row (the token cache starts there). A theta = 0 group is a
+whole-step cache hit, as in `AstraeaStepModel`: no block runs, only the head on the rows' last cached
+block output, so searched schedules with zeros get step-cache speed in the search as in `generate`.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ def _group_step(graphdef, state, latents, timestep, context, cache, out, rows, *
     at = (slice(None),) * axis + (rows,)
     return full.at[at].set(part.astype(full.dtype), mode="drop")
 
+  if num_selected == 0:
+    # A pure cache step (theta = 0) reads only the last block's cached output of these rows and
+    # bumps their skip counters: the same result as `astraea_forward` with k = 0 (no block runs),
+    # without gathering and scattering the rows' whole [L, G, N, ...] cache.
+    _, cond = model.embed(take(latents, 0), take(timestep, 0), take(context, 0))
+    y = model.head(take(cache.out[-1], 0), cond)  # [G, C_out, T, Y, X]
+    return put(out, y, 0), cache.replace(skips=cache.skips.at[:, rows].add(1, mode="drop"))
   part = cache.replace(out=take(cache.out, 1), in_ref=take(cache.in_ref, 1),
                        lse=take(cache.lse, 1), skips=take(cache.skips, 1))  # [L, G, N, ...]
   y, part = astraea_forward(model, take(latents, 0), take(timestep, 0), take(context, 0), part,
