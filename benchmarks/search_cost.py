@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="start no proxy search after this wall time (default 480)")
   p.add_argument("--skip-wan", action="store_true", help="no Wan2.1-1.3B proxy measurement")
   p.add_argument("--skip-proxies", action="store_true", help="no proxy searches")
+  p.add_argument("--proxies", nargs="+", choices=sorted(PROXIES), default=None,
+                 help="run only these proxy searches, in this order (default: all)")
   p.add_argument("--no-autotune", action="store_true",
                  help="compile the search programs without GPU kernel autotuning")
   p.add_argument("--resume-from", type=Path, default=None, metavar="JSON",
@@ -324,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
   proxies = {k: v for k, v in done.get("proxies", {}).items() if "skipped" not in v}
   if not args.skip_proxies:
-    for name, overrides in (QUICK_PROXIES if args.quick else PROXIES).items():
+    table = QUICK_PROXIES if args.quick else PROXIES
+    order = args.proxies if args.proxies and not args.quick else list(table)
+    for name, overrides in ((n, table[n]) for n in order):
       if name in proxies:
         continue
       # Each finished part is saved, so a proxy cut off by an outer time limit loses only itself.
