@@ -171,6 +171,19 @@ def test_small_search_is_deterministic_and_resumable(fitness, tmp_path):
                meta={"prompts": fitness.prompts})
 
 
+@pytest.mark.parametrize("devices", [2, 4])
+def test_population_sharded_over_devices_equals_one_device(pipe, fitness, devices):
+  # The batch rows split over a data mesh of `devices` fake CPU devices: same fitness and latents.
+  thetas = np.array([[1, .5, 0, .5], [1, 1, .5, 0], [1, 0, 0, 1]])
+  sharded = PopulationFitness(pipe, fitness.prompts, fitness.cfg, chunk=CHUNK,
+                              min_bucket=MIN_BUCKET, dense=fitness.dense, devices=devices)
+  assert len(sharded._rows_noise.sharding.device_set) == devices  # pylint: disable=protected-access
+  np.testing.assert_allclose(sharded(thetas), fitness(thetas), rtol=1e-5)
+  assert all(b % devices == 0 for _, b in sharded.variants) and sharded.compiled_ahead > 0
+  np.testing.assert_allclose(sharded.final_latents(thetas[:1]), fitness.final_latents(thetas[:1]),
+                             rtol=1e-5, atol=1e-6)
+
+
 # -- the CLI -------------------------------------------------------------------------------------
 
 
@@ -208,12 +221,14 @@ def test_cli_writes_loadable_schedule_and_resumes(fitness, tmp_path, capsys):
     (["--prompts", "empty.txt"], "has no prompts"),
     (["--out", "nodir/schedule.json"], "does not exist"),
     (["--population", "0"], "--population 0 must be positive"),
+    (["--devices", "0"], "--devices 0 must be at least 1"),
+    (["--devices", "99"], "--devices 99 must be at most"),
 ])
 def test_cli_bad_input_one_line_no_file(tmp_path, capsys, monkeypatch, extra, message):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "empty.txt").write_text("\n  \n")
   args = _cli_args(tmp_path, "--out", "schedule.json", *extra)
-  assert cli.main(args) != 0
+  assert cli.main(args) == 1
   lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
   assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("nodir"))

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
                  help="persistent XLA compilation cache, so that a resumed or repeated search "
                       "skips compiling")
+  g.add_argument("--devices", type=int, default=None, metavar="N",
+                 help="split every population run's batch rows (candidates x prompts) over the "
+                      "first N devices, parameters replicated (1: one device; default: every "
+                      "visible GPU, one device on CPU, as for generate)")
   g.add_argument("--quiet", action="store_true", help="no progress bar")
   return p
 
@@ -121,6 +125,8 @@ def _check_numbers(args) -> None:
     raise ValueError(f"--population {args.population} must be at least 2")
   if args.compile_threads is not None and args.compile_threads < 0:
     raise ValueError(f"--compile-threads {args.compile_threads} must be 0 or more")
+  if args.devices is not None and args.devices < 1:
+    raise ValueError(f"--devices {args.devices} must be at least 1")
   if args.max_batch is not None and args.max_batch < 1:
     raise ValueError(f"--max-batch {args.max_batch} must be positive")
   for name in ("mutation_start", "mutation_end"):
@@ -136,13 +142,21 @@ def run(argv: list[str] | None = None) -> int:
   prompts = None if args.prompts is None else _read_prompts(args.prompts)
   # Heavy imports after the cheap checks, so usage errors are instant.
   # pylint: disable=import-outside-toplevel
-  from astraea_jax import video
+  from astraea_jax import parallel, video
   from astraea_jax.search.algorithm import GAConfig
   from astraea_jax.search.fitness import PopulationFitness, calibration_prompts
   from astraea_jax.search.runner import levels_evaluator, read_state, run_search
   from astraea_jax.search.space import BudgetSpace
   # pylint: enable=import-outside-toplevel
 
+  # One host: the population's rows are split over this host's devices (a multi-host search would
+  # need the fitness values gathered across processes, which is not done).
+  import jax  # pylint: disable=import-outside-toplevel
+
+  visible = len(jax.local_devices())
+  devices = parallel.default_num_devices() if args.devices is None else args.devices
+  if devices > visible:
+    raise ValueError(f"--devices {devices} must be at most {visible} (the visible devices)")
   video.check_writable(args.out)  # fail before any work if the files cannot be written
   if args.state is not None:
     video.check_writable(args.state)
@@ -153,8 +167,6 @@ def run(argv: list[str] | None = None) -> int:
                 mutation_end=args.mutation_end)
 
   if args.compile_cache is not None:
-    import jax  # pylint: disable=import-outside-toplevel
-
     args.compile_cache.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -173,11 +185,13 @@ def run(argv: list[str] | None = None) -> int:
   chunk = min(args.max_batch or args.offspring, args.offspring)
   print(f"{pipe.name}: searching a {cfg.steps}-step schedule, budget {args.budget:g} (mean in "
         f"[{space.mean_window[0]:.3f}, {space.mean_window[1]:.3f}]), {len(prompts)} prompt(s), "
-        f"{cfg.width}x{cfg.height}, {cfg.frames} frames, {ga.num_evaluations} schedules",
+        f"{cfg.width}x{cfg.height}, {cfg.frames} frames, {ga.num_evaluations} schedules, "
+        f"{devices} device(s)",
         file=sys.stderr)
   fitness = PopulationFitness(pipe, prompts, cfg, chunk=chunk, min_bucket=args.min_bucket,
                               dense=dense, compile_workers=args.compile_threads,
-                              compiler_options=NO_AUTOTUNE if args.no_autotune else None)
+                              compiler_options=NO_AUTOTUNE if args.no_autotune else None,
+                              devices=devices)
   meta = {"model": args.model, "prompts": prompts, "size": f"{cfg.width}x{cfg.height}",
           "frames": cfg.frames, "guidance": cfg.guidance, "solver": cfg.solver}
   result = run_search(space, ga, levels_evaluator(space, fitness), seed=args.seed,

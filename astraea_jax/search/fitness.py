@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from astraea_jax.acceleration.astraea import astraea_forward, jit_astraea_step
 from astraea_jax.acceleration.config import AstraeaConfig
@@ -93,8 +94,52 @@ def held_out_prompts(num: int, *, exclude: Sequence[str] = (), seed: int = HELD_
 # -- the population step model --------------------------------------------------------------------
 
 
-def _bucket(rows: int, min_bucket: int, total: int) -> int:
-  return min(max(min_bucket, 1 << (rows - 1).bit_length()), total)
+def _bucket(rows: int, min_bucket: int, total: int, multiple: int = 1) -> int:
+  """Padded group size: the next power of two (at least `min_bucket`, at most `total`), rounded up
+  to a multiple of `multiple` (the device count, so that a group splits evenly over the devices)."""
+  size = min(max(min_bucket, 1 << (rows - 1).bit_length()), total)
+  return min(-(-size // multiple) * multiple, -(-total // multiple) * multiple)
+
+
+def data_mesh(num_devices: int) -> jax.sharding.Mesh | None:
+  """A 1-D mesh ("data",) over the first `num_devices` devices; None for one device."""
+  visible = len(jax.devices())
+  if not 1 <= num_devices <= visible:
+    raise ValueError(f"--devices {num_devices} must lie in [1, {visible}] (the visible devices)")
+  if num_devices == 1:
+    return None
+  return jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:num_devices])
+
+
+class _Placement:
+  """Where the population arrays live: batch rows split over a data mesh, the rest replicated."""
+
+  def __init__(self, mesh: jax.sharding.Mesh | None):
+    self.mesh = mesh
+    self.size = 1 if mesh is None else mesh.size
+    if mesh is not None:
+      self.rows0 = NamedSharding(mesh, PartitionSpec("data"))  # [B, ...]
+      self.rows1 = NamedSharding(mesh, PartitionSpec(None, "data"))  # [L, B, ...]
+      self.replicated = NamedSharding(mesh, PartitionSpec())
+
+  def rows(self, a):
+    return a if self.mesh is None else jax.device_put(a, self.rows0)
+
+  def replicate(self, tree):
+    return tree if self.mesh is None else jax.device_put(tree, self.replicated)
+
+  def cache(self, cache: TokenCache) -> TokenCache:
+    if self.mesh is None:
+      return cache
+    put = lambda a: jax.device_put(a, self.rows1)  # noqa: E731
+    proj = None if cache.proj is None else jax.device_put(cache.proj, self.replicated)
+    return cache.replace(out=put(cache.out), in_ref=put(cache.in_ref), lse=put(cache.lse),
+                         skips=put(cache.skips), proj=proj)
+
+  @property
+  def key(self):
+    return None if self.mesh is None else (self.rows0, self.rows1)
 
 
 def _group_step(graphdef, state, latents, timestep, context, cache, out, rows, *, num_selected,
@@ -152,6 +197,9 @@ class PopulationStepModel:
       one per CPU core; 0: compile each on first use instead).
     compiler_options: XLA options for those ahead-of-time compiles, e.g.
       `{"xla_gpu_autotune_level": 0}` (no GPU kernel autotuning: much faster compiles).
+    mesh: a 1-D ("data",) mesh (see `data_mesh`) whose devices split the batch rows (latents,
+      context, token cache; the parameters replicated); None: one device. B' and every group
+      bucket must then be multiples of its size.
 
   `self.variants` collects the (k, bucket) pairs run, each one compiled program;
   `self.token_rows` and `self.padded_token_rows` sum k over the real and the padding rows of every
@@ -160,15 +208,21 @@ class PopulationStepModel:
 
   def __init__(self, model, row_ks: np.ndarray, context: jax.Array, *,
                config: AstraeaConfig = AstraeaConfig(), min_bucket: int = 8,
-               compile_workers: int | None = None, compiler_options: dict | None = None):
+               compile_workers: int | None = None, compiler_options: dict | None = None,
+               mesh: jax.sharding.Mesh | None = None):
+    self._place = _Placement(mesh)
     self._graphdef, self._state = nnx.split(model)
+    self._state = self._place.replicate(self._state)
+    if context.shape[0] % self._place.size:
+      raise ValueError(f"{context.shape[0]} batch rows do not split over {self._place.size} "
+                       "devices")
     self.row_ks = np.asarray(row_ks, np.int64)
     if self.row_ks.ndim != 2 or self.row_ks.shape[0] != context.shape[0]:
       raise ValueError(f"row_ks of shape {self.row_ks.shape} must be [B', T_s] with B' = "
                        f"{context.shape[0]} context rows")
     if min_bucket < 1:
       raise ValueError(f"{min_bucket=} must be positive")
-    self.context = context
+    self.context = self._place.rows(context)
     self.config = config
     self.min_bucket = min_bucket
     self.variants: set[tuple[int, int]] = set()
@@ -189,12 +243,12 @@ class PopulationStepModel:
     out = []
     for k in np.unique(ks):
       rows = np.flatnonzero(ks == k)
-      out.append((int(k), rows, _bucket(rows.size, self.min_bucket, batch)))
+      out.append((int(k), rows, _bucket(rows.size, self.min_bucket, batch, self._place.size)))
     return out
 
   def _key(self, k: int, bucket: int, latents: jax.Array) -> tuple:
     return (self._group, k, bucket, latents.shape, latents.dtype.name, self.context.shape,
-            tuple(sorted(self.compiler_options.items())))
+            tuple(sorted(self.compiler_options.items())), self._place.key)
 
   def _compile_ahead(self, latents, timestep, carry, out) -> None:
     """Compiles, in parallel threads, every (k, bucket) program this chunk needs and lacks."""
@@ -206,7 +260,7 @@ class PopulationStepModel:
 
     def compile_one(pair):
       k, bucket = pair
-      idx = jnp.zeros((bucket,), jnp.int32)
+      idx = self._place.replicate(jnp.zeros((bucket,), jnp.int32))
       program = self._group.lower(self._state, latents, timestep, self.context, carry, out, idx,
                                   num_selected=k).compile(
                                       compiler_options=self.compiler_options or None)
@@ -228,7 +282,9 @@ class PopulationStepModel:
     if batch != self.row_ks.shape[0]:
       raise ValueError(f"latents batch {batch} does not match {self.row_ks.shape[0]} rows")
     ks = self.row_ks[:, step_index]  # [B']
-    timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+    timestep = self._place.replicate(jnp.broadcast_to(jnp.asarray(timestep, jnp.float32),
+                                                      (batch,)))
+    latents = self._place.rows(latents)
     if carry is None:
       tokens = int(ks.max())
       if step_index != 0 or ks.min() != tokens:
@@ -236,8 +292,10 @@ class PopulationStepModel:
       out, carry = self._first(self._state, latents, timestep, self.context, None,
                                num_selected=tokens)
       self._out_dtype = out.dtype
-      return out, carry
-    out = jnp.zeros(latents.shape, self._out_dtype)
+      return self._place.rows(out), self._place.cache(carry)
+    # Every program is called with the shardings it was compiled for (rows split, rest replicated).
+    out = self._place.rows(jnp.zeros(latents.shape, self._out_dtype))
+    carry = self._place.cache(carry)
     if step_index == 1:
       self._compile_ahead(latents, timestep, carry, out)
     for k, rows, bucket in self._groups(step_index):
@@ -248,12 +306,13 @@ class PopulationStepModel:
       self.padded_token_rows += k * (bucket - rows.size)
       with _COMPILED_LOCK:
         program = _COMPILED.get(self._key(k, bucket, latents))
+      idx = self._place.replicate(jnp.asarray(idx))
       if program is not None:
-        out, carry = program(self._state, latents, timestep, self.context, carry, out,
-                             jnp.asarray(idx))
+        out, carry = program(self._state, latents, timestep, self.context, carry, out, idx)
       else:
-        out, carry = self._group(self._state, latents, timestep, self.context, carry, out,
-                                 jnp.asarray(idx), num_selected=k)
+        out, carry = self._group(self._state, latents, timestep, self.context, carry, out, idx,
+                                 num_selected=k)
+      out, carry = self._place.rows(out), self._place.cache(carry)
     return out, carry
 
 
@@ -298,6 +357,9 @@ class PopulationFitness:
     compile_workers: threads compiling a chunk's missing programs ahead of its loop (None: one
       per CPU core; 0: compile on first use).
     compiler_options: XLA options of those compiles (see `PopulationStepModel`).
+    devices: devices (the first of `jax.devices()`) whose data mesh splits the batch rows; the
+      runs are padded with cache-only candidates so that the rows split evenly. The dense runs
+      stay on one device.
   """
 
   pipeline: WanPipeline
@@ -309,6 +371,7 @@ class PopulationFitness:
   dense: np.ndarray | None = None
   compile_workers: int | None = None
   compiler_options: dict | None = None
+  devices: int = 1
 
   def __post_init__(self):
     self.prompts = list(self.prompts)
@@ -316,6 +379,7 @@ class PopulationFitness:
       raise ValueError("every calibration prompt must be a non-empty string")
     if self.chunk < 1:
       raise ValueError(f"{self.chunk=} must be positive")
+    self._place = _Placement(data_mesh(self.devices))
     pipe, cfg = self.pipeline, self.cfg
     self.latent_shape = pipe.latent_shape(cfg)  # (C, T, Y, X); GenerationError if not allowed
     self.num_tokens = pipe.num_tokens(cfg)
@@ -329,17 +393,22 @@ class PopulationFitness:
     cond = pipe.encode_text(self.prompts)  # [P, M, text_dim]
     uncond = pipe.encode_text([cfg.negative_prompt] * num) if self.use_cfg else None
     self._cond, self._uncond = cond, uncond
-    halves = [jnp.tile(cond, (self.chunk, 1, 1))]  # [R, M, text_dim], candidate-major
+    # Candidates per run, padded so that the rows (run x P; each CFG half) split over the devices.
+    self._run = self.chunk
+    while (self._run * num) % self._place.size:
+      self._run += 1
+    halves = [jnp.tile(cond, (self._run, 1, 1))]  # [R, M, text_dim], candidate-major
     if self.use_cfg:
-      halves.append(jnp.tile(uncond, (self.chunk, 1, 1)))
-    self._context = jnp.concatenate(halves, axis=0)  # [B', M, text_dim]
-    self._rows_noise = jnp.tile(self.noise, (self.chunk, 1, 1, 1, 1))  # [R, C, T, Y, X]
+      halves.append(jnp.tile(uncond, (self._run, 1, 1)))
+    self._context = self._place.rows(jnp.concatenate(halves, axis=0))  # [B', M, text_dim]
+    self._rows_noise = self._place.rows(
+        jnp.tile(self.noise, (self._run, 1, 1, 1, 1)))  # [R, C, T, Y, X]
     if self.dense is None:
       self.dense = self._dense_latents()
     elif tuple(np.shape(self.dense)) != (num, *self.latent_shape):
       raise ValueError(f"cached dense latents of shape {np.shape(self.dense)} do not match "
                        f"{(num, *self.latent_shape)}")
-    self._dense_dev = jnp.asarray(self.dense)
+    self._dense_dev = self._place.replicate(jnp.asarray(self.dense))
     self.variants: set[tuple[int, int]] = set()
     self.compiled_ahead = 0
     self.compile_ahead_seconds = 0.0
@@ -364,7 +433,7 @@ class PopulationFitness:
   def final_latents(self, thetas) -> np.ndarray:
     """Final latents `[C, P, C_in, T, Y, X]` of every candidate and calibration prompt."""
     return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
-        latents).reshape(self.chunk, len(self.prompts), *self.latent_shape)[:n])))
+        latents).reshape(self._run, len(self.prompts), *self.latent_shape)[:n])))
 
   def __call__(self, thetas) -> np.ndarray:
     return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
@@ -379,13 +448,14 @@ class PopulationFitness:
     for start in range(0, thetas.shape[0], self.chunk):
       part = thetas[start:start + self.chunk]
       n = part.shape[0]
-      if n < self.chunk:
-        part = np.concatenate([part, np.broadcast_to(pad, (self.chunk - n, self.cfg.steps))])
+      if n < self._run:
+        part = np.concatenate([part, np.broadcast_to(pad, (self._run - n, self.cfg.steps))])
       step_model = PopulationStepModel(self.pipeline.transformer, self.row_ks(part),
                                        self._context, config=self.astraea,
                                        min_bucket=self.min_bucket,
                                        compile_workers=self.compile_workers,
-                                       compiler_options=self.compiler_options)
+                                       compiler_options=self.compiler_options,
+                                       mesh=self._place.mesh)
       latents, _, _ = denoise(step_model, self._rows_noise, self.scheduler, self.scheduler_state,
                               guidance_scale=self.cfg.guidance, progress=False,
                               prediction=self.pipeline.prediction)
