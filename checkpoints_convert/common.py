@@ -10,6 +10,7 @@ behind).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -183,3 +184,34 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
       node = node.setdefault(part, {})
     node[last] = value
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+  """What a transformer conversion wrote, as the one line its command prints."""
+
+  family: str
+  out: Path
+  layout: str
+  preset: str
+  num_params: int
+  nbytes: int
+  seconds: float
+
+  def line(self) -> str:
+    return (f"{self.family} ({self.layout} layout, {self.preset}): {_count(self.num_params)} "
+            f"params, {_size(self.nbytes)} -> {self.out} in {self.seconds:.1f} s")
+
+
+def _count(n: int) -> str:
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return str(n)
+
+
+def _size(n: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"

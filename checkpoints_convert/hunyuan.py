@@ -52,7 +52,7 @@ from flax import nnx
 from astraea_jax.models.hunyuan import (HUNYUAN_PRESETS, HunyuanConfig,
                                         HunyuanVideoTransformer3DModel)
 from checkpoints_convert import common, pth_io, safetensors_io
-from checkpoints_convert.common import CheckpointError, format_keys
+from checkpoints_convert.common import CheckpointError, ConversionSummary, format_keys
 
 FAMILY = "hunyuan"
 DIFFUSERS_CLASS = "HunyuanVideoTransformer3DModel"
@@ -471,33 +471,6 @@ def plan(source: Source, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]
 # Conversion
 
 
-@dataclasses.dataclass(frozen=True)
-class Summary:
-  out: Path
-  layout: str
-  preset: str
-  num_params: int
-  nbytes: int
-  seconds: float
-
-  def line(self) -> str:
-    return (f"hunyuan ({self.layout} layout, {self.preset}): {_count(self.num_params)} params, "
-            f"{_size(self.nbytes)} -> {self.out} in {self.seconds:.1f} s")
-
-
-def _count(n: int) -> str:
-  for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-    if n >= scale:
-      return f"{n / scale:.2f}{unit}"
-  return str(n)
-
-
-def _size(n: int) -> str:
-  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if n >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n} B"
-
 
 def read_params(src: str | os.PathLike, *, config: HunyuanConfig | str | None = None,
                 dtype: str = "bf16") -> tuple[Source, HunyuanConfig, dict[str, Any]]:
@@ -528,7 +501,7 @@ def load_params(src: str | os.PathLike, *, config: HunyuanConfig | str | None = 
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
-            config: HunyuanConfig | str | None = None, overwrite: bool = False) -> Summary:
+            config: HunyuanConfig | str | None = None, overwrite: bool = False) -> ConversionSummary:
   """Converts the checkpoint at `src` to an orbax checkpoint at `out`; nothing is left at `out` on
   failure."""
   from astraea_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -543,7 +516,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     checkpoint.save_params(tmp, params, family=FAMILY, config=config.to_dict(),
                            extra={"source": str(Path(src).absolute()), "layout": source.layout,
                                   "preset": preset_name(config)})
-  return Summary(out.absolute(), source.layout, preset_name(config),
+  return ConversionSummary("hunyuan", out.absolute(), source.layout, preset_name(config),
                  sum(x.size for x in leaves), sum(x.nbytes for x in leaves),
                  time.perf_counter() - start)
 
