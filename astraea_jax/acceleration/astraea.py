@@ -281,6 +281,29 @@ class StepStat:
   first_call: bool
 
 
+class StepTimer:
+  """The timing every accelerated step model shares: with `timed`, waits for each step's result
+  and appends a `StepStat`; `first_call` marks the first call of each (k, has cache) variant,
+  which includes its compilation."""
+
+  def __init__(self, timed: bool):
+    self.timed = timed
+    self.stats: list[StepStat] = []
+    self._seen: set[tuple[int, bool]] = set()
+
+  def run(self, step_index: int, theta: float, k: int, has_cache: bool, call):
+    """Returns `call()`, timed as step `step_index` when `self.timed`."""
+    variant = (k, has_cache)
+    start = time.perf_counter()
+    out = call()
+    if self.timed:
+      jax.block_until_ready(out)
+      self.stats.append(StepStat(step_index, theta, k, time.perf_counter() - start,
+                                 variant not in self._seen))
+    self._seen.add(variant)
+    return out
+
+
 def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, config, block_fn):
   model = nnx.merge(graphdef, state)
   return astraea_forward(model, latents, timestep, context, cache, num_selected=num_selected,
@@ -329,11 +352,10 @@ class AstraeaStepModel:
     self.schedule = schedule
     self.context = context
     self.config = config
-    self.timed = timed
-    self.stats: list[StepStat] = []
+    self.timer = StepTimer(timed)
+    self.stats = self.timer.stats
     self.records: list[StepRecord] = []
     self.num_layers = model.config.num_layers
-    self._seen: set[tuple[int, bool]] = set()  # (k, has cache): each compiles once
     self._jitted = jit_astraea_step(self._graphdef, config=config)
 
   def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
@@ -349,14 +371,9 @@ class AstraeaStepModel:
                        f"{batch}")
     k = self.num_selected(step_index, latents.shape)
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    variant = (k, carry is not None)
-    start = time.perf_counter()
-    out, carry = self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k)
-    if self.timed:
-      jax.block_until_ready(out)
-      self.stats.append(StepStat(step_index, self.schedule.theta(step_index), k,
-                                 time.perf_counter() - start, variant not in self._seen))
-    self._seen.add(variant)
+    out, carry = self.timer.run(
+        step_index, self.schedule.theta(step_index), k, carry is not None,
+        lambda: self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k))
     tokens = k / (num_video_tokens(self._patch_size, latents.shape))
     self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", tokens) if k else
                         StepRecord.reused(step_index, "k=0"))

@@ -48,14 +48,13 @@ in-place walk are the Wan core's (`astraea_jax.acceleration.astraea`, `token_sel
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from astraea_jax.acceleration.astraea import (
-    StepStat,
+    StepTimer,
     _layer_params,
     _num_layers,
     _read_before_write,
@@ -279,9 +278,8 @@ class HunyuanAstraeaStepModel:
     self.guidance = (None if guidance is None else
                      jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)))
     self.config = config
-    self.timed = timed
-    self.stats: list[StepStat] = []
-    self._seen: set[tuple[int, bool]] = set()  # (k, has cache): each compiles once
+    self.timer = StepTimer(timed)
+    self.stats = self.timer.stats
     self._jitted = jit_hunyuan_astraea_step(self._graphdef, config=config)
 
   def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
@@ -296,14 +294,8 @@ class HunyuanAstraeaStepModel:
       raise ValueError(f"text batch {self.text.shape[0]} does not match latents batch {batch}")
     k = self.num_selected(step_index, latents.shape)
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    variant = (k, carry is not None)
-    start = time.perf_counter()
-    out, carry = self._jitted(self._state, latents, timestep, self.text, self.text_mask,
-                              self.pooled, self.guidance, carry, num_selected=k)
-    out = out.astype(latents.dtype)
-    if self.timed:
-      jax.block_until_ready(out)
-      self.stats.append(StepStat(step_index, self.schedule.theta(step_index), k,
-                                 time.perf_counter() - start, variant not in self._seen))
-    self._seen.add(variant)
-    return out, carry
+    out, carry = self.timer.run(
+        step_index, self.schedule.theta(step_index), k, carry is not None,
+        lambda: self._jitted(self._state, latents, timestep, self.text, self.text_mask,
+                             self.pooled, self.guidance, carry, num_selected=k))
+    return out.astype(latents.dtype), carry

@@ -49,7 +49,6 @@ are always read in place from the cache).
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import jax
@@ -58,7 +57,7 @@ from flax import nnx
 
 from astraea_jax.acceleration.astraea import (
     BlockFn,
-    StepStat,
+    StepTimer,
     _layer_params,
     _num_layers,
     _read_before_write,
@@ -291,9 +290,8 @@ class OpenSoraAstraeaStepModel:
     self.height = jnp.asarray(height, jnp.float32)
     self.width = jnp.asarray(width, jnp.float32)
     self.config = config
-    self.timed = timed
-    self.stats: list[StepStat] = []
-    self._seen: set[tuple[int, bool]] = set()  # (K, has cache): each compiles once
+    self.timer = StepTimer(timed)
+    self.stats = self.timer.stats
     self._jitted = jit_opensora_astraea_step(self._graphdef, config=config)
 
   def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
@@ -308,14 +306,8 @@ class OpenSoraAstraeaStepModel:
       raise ValueError(f"caption batch {self.y.shape[0]} does not match latents batch {batch}")
     k = self.num_selected(step_index, latents.shape)
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    variant = (k, carry is not None)
-    start = time.perf_counter()
-    out, carry = self._jitted(self._state, latents, timestep, self.y, self.mask, self.fps,
-                              self.height, self.width, carry, num_selected=k)
-    out = out[:, :latents.shape[1]].astype(latents.dtype)
-    if self.timed:
-      jax.block_until_ready(out)
-      self.stats.append(StepStat(step_index, self.schedule.theta(step_index), k,
-                                 time.perf_counter() - start, variant not in self._seen))
-    self._seen.add(variant)
-    return out, carry
+    out, carry = self.timer.run(
+        step_index, self.schedule.theta(step_index), k, carry is not None,
+        lambda: self._jitted(self._state, latents, timestep, self.y, self.mask, self.fps,
+                             self.height, self.width, carry, num_selected=k))
+    return out[:, :latents.shape[1]].astype(latents.dtype), carry
