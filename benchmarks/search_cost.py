@@ -107,7 +107,7 @@ QUICK = Settings(steps=8, height=32, width=32, frames=9, prompts=2, held_out=4,
                  wan_text_tokens=16, wan_prompts=1, wan_chunk=2, wan_timed_chunks=2)
 # Proxy searches of the default model: overrides of (prompts, frames, height, width).
 PROXIES = {"1 prompt": {"prompts": 1}, "9 frames": {"frames": 9},
-           "32x32": {"height": 32, "width": 32}}
+           "32x32": {"height": 32, "width": 32}, "1 prompt, 9 frames": {"prompts": 1, "frames": 9}}
 QUICK_PROXIES = {"1 prompt": {"prompts": 1}}  # exercises the code path only
 
 

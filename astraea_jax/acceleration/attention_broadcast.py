@@ -32,7 +32,7 @@ from astraea_jax.acceleration.method_stats import StepRecord
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.wan import apply_rope, layer_norm
 
-__all__ = ["PABConfig", "PABStepModel", "pab_forward"]
+__all__ = ["PABConfig", "PABStepModel", "pab_forward", "pab_step_program"]
 
 F32 = jnp.float32
 
@@ -143,7 +143,11 @@ def _step(graphdef, state, latents, timestep, context, cache, *, compute_self, c
 
 
 @functools.lru_cache(maxsize=16)
-def _jit_step(graphdef):
+def pab_step_program(graphdef):
+  """The jitted PAB step for `graphdef` (static `compute_self` / `compute_cross`, cache donated).
+
+  Public so that benchmarks can time each variant of a step on its own.
+  """
   return jax.jit(functools.partial(_step, graphdef),
                  static_argnames=("compute_self", "compute_cross"), donate_argnames=("cache",))
 
@@ -165,7 +169,7 @@ class PABStepModel:
     self.num_layers = model.config.num_layers
     self.records: list[StepRecord] = []
     self._since = [0, 0]  # steps since self / cross attention last ran
-    self._jitted = _jit_step(self._graphdef)
+    self._jitted = pab_step_program(self._graphdef)
 
   def decide(self, timestep: float, has_cache: bool) -> tuple[bool, bool]:
     """(compute self-attention, compute cross-attention) at a step with this timestep."""

@@ -58,6 +58,9 @@ __all__ = [
     "EasyCacheStepModel",
     "TeaCacheConfig",
     "TeaCacheStepModel",
+    "easy_cache_change",
+    "easy_cache_reuse",
+    "tea_cache_programs",
     "WAN21_T2V_14B",
     "WAN21_T2V_1_3B",
 ]
@@ -181,7 +184,11 @@ def _tea_reuse(graphdef, state, latents, timestep, context, residual):
 
 
 @functools.lru_cache(maxsize=16)
-def _tea_jits(graphdef, indicator: str):
+def tea_cache_programs(graphdef, indicator: str):
+  """TeaCache's three jitted programs for `graphdef`: (indicator, full step, residual reuse).
+
+  Public so that benchmarks can time each variant of a step on its own.
+  """
   # Module-level and per graphdef, so later runs of the same model reuse the compiled programs.
   return (jax.jit(functools.partial(_tea_indicator, graphdef, indicator=indicator)),
           jax.jit(functools.partial(_tea_compute, graphdef)),
@@ -213,7 +220,7 @@ class TeaCacheStepModel:
     self.records: list[StepRecord] = []
     self.indicators: list[float] = []  # rescaled d_t of every step (0 at step 0)
     self._accumulated = 0.0
-    self._indicator, self._compute, self._reuse = _tea_jits(self._graphdef, config.indicator)
+    self._indicator, self._compute, self._reuse = tea_cache_programs(self._graphdef, config.indicator)
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: Any,
                step_index: int) -> tuple[jax.Array, Any]:
@@ -247,8 +254,8 @@ class TeaCacheStepModel:
 
 
 @jax.jit
-def _easy_change(x, x_prev, v_last):
-  """(mean|x - x_prev|, mean|v_last|) as one [2] f32 read-back."""
+def easy_cache_change(x, x_prev, v_last):
+  """EasyCache's per-step check: (mean|x - x_prev|, mean|v_last|) as one [2] f32 read-back."""
   return jnp.stack([jnp.mean(jnp.abs(x.astype(F32) - x_prev.astype(F32))),
                     jnp.mean(jnp.abs(v_last.astype(F32)))])
 
@@ -262,7 +269,8 @@ def _easy_rate(x, v, x_last, v_last):
 
 
 @jax.jit
-def _easy_reuse(x, x_last, v_last):
+def easy_cache_reuse(x, x_last, v_last):
+  """EasyCache's skipped step: the cached transformation vector applied to the current input."""
   # out = x_t + (v_i - x_i): the cached transformation vector applied to the current input.
   return (x.astype(F32) + (v_last.astype(F32) - x_last.astype(F32))).astype(v_last.dtype)
 
@@ -305,14 +313,14 @@ class EasyCacheStepModel:
     elif self._rate is None or cfg.threshold == 0:
       compute = True
     else:
-      dx, v_norm = (float(a) for a in np.asarray(_easy_change(x, x_prev, v_last)))
+      dx, v_norm = (float(a) for a in np.asarray(easy_cache_change(x, x_prev, v_last)))
       eps = self._rate * dx / max(v_norm, 1e-12)
       self._accumulated += eps
       compute = not self._accumulated < cfg.threshold
     self.predictions.append(eps)
     if not compute:
       self.records.append(StepRecord.reused(step))
-      return _easy_reuse(x, x_last, v_last), (inner_carry, x, x_last, v_last)
+      return easy_cache_reuse(x, x_last, v_last), (inner_carry, x, x_last, v_last)
     v, inner_carry = self.inner(latents, timestep, inner_carry, step)
     if tuple(v.shape) != tuple(x.shape):
       raise ValueError(f"EasyCache needs outputs shaped like the inputs; got {tuple(v.shape)} "

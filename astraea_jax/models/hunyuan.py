@@ -68,6 +68,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.models import attention as attention_lib
+from astraea_jax.models.config_io import PresetConfig
 from astraea_jax.models.wan import LayerNorm, PatchEmbed, RMSNorm, TimestepEmbedding, apply_rope
 from astraea_jax.models.wan import layer_norm
 
@@ -78,7 +79,7 @@ REFINER_MLP_RATIO = 4.0  # the refiner's MLP width does not follow `mlp_ratio` i
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanConfig:
+class HunyuanConfig(PresetConfig):
   """HunyuanVideo transformer hyper-parameters, named as diffusers' `HunyuanVideoTransformer3DModel`
   config (text-to-video: no `image_condition_type`).
 
@@ -147,29 +148,11 @@ class HunyuanConfig:
   def patch(self) -> tuple[int, int, int]:
     return self.patch_size_t, self.patch_size, self.patch_size
 
-  @classmethod
-  def preset(cls, name: str, **overrides: Any) -> HunyuanConfig:
-    """A named preset (see `HUNYUAN_PRESETS`) with optional field overrides."""
-    try:
-      base = HUNYUAN_PRESETS[name]
-    except KeyError:
-      raise ValueError(f"unknown HunyuanVideo preset {name!r}; choose from "
-                       f"{sorted(HUNYUAN_PRESETS)}") from None
-    return dataclasses.replace(base, **overrides)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-serialisable field dict (inverse of `from_dict`)."""
-    out = dataclasses.asdict(self)
-    out["rope_axes_dim"] = list(self.rope_axes_dim)
-    return out
+  family = "HunyuanVideo"
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> HunyuanConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown HunyuanConfig fields: {sorted(unknown)}")
-    return cls(**d)
+  def presets(cls) -> dict[str, HunyuanConfig]:
+    return HUNYUAN_PRESETS
 
 
 HUNYUAN_PRESETS: dict[str, HunyuanConfig] = {

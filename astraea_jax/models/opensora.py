@@ -65,6 +65,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.models import attention as attention_lib
+from astraea_jax.models.config_io import PresetConfig
 from astraea_jax.models.wan import PatchEmbed, RMSNorm, apply_rope, layer_norm, sinusoidal_embedding
 
 F32 = jnp.float32
@@ -82,7 +83,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class STDiT3Config:
+class STDiT3Config(PresetConfig):
   """STDiT3 hyper-parameters, named as the reference's `STDiT3Config`.
 
   `pred_sigma` doubles the output channels (velocity, then a variance half that samplers drop);
@@ -157,29 +158,11 @@ class STDiT3Config:
   def mlp_hidden(self) -> int:
     return int(self.hidden_size * self.mlp_ratio)
 
-  @classmethod
-  def preset(cls, name: str, **overrides: Any) -> STDiT3Config:
-    """A named preset (see `OPENSORA_PRESETS`) with optional field overrides."""
-    try:
-      base = OPENSORA_PRESETS[name]
-    except KeyError:
-      raise ValueError(f"unknown OpenSora preset {name!r}; choose from "
-                       f"{sorted(OPENSORA_PRESETS)}") from None
-    return dataclasses.replace(base, **overrides)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-serialisable field dict (inverse of `from_dict`)."""
-    out = dataclasses.asdict(self)
-    out["patch_size"] = list(self.patch_size)
-    return out
+  family = "OpenSora"
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> STDiT3Config:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown STDiT3Config fields: {sorted(unknown)}")
-    return cls(**d)
+  def presets(cls) -> dict[str, STDiT3Config]:
+    return OPENSORA_PRESETS
 
 
 OPENSORA_PRESETS: dict[str, STDiT3Config] = {

@@ -34,12 +34,13 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.models import attention as attention_lib
+from astraea_jax.models.config_io import PresetConfig
 
 F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(PresetConfig):
   """Wan2.1 transformer hyper-parameters, named as diffusers' `WanTransformer3DModel` config.
 
   `param_dtype` is the storage dtype of the large weights (fp32 is kept for the time embedding, the
@@ -95,28 +96,11 @@ class WanConfig:
     yx = 2 * (self.attention_head_dim // 6)
     return self.attention_head_dim - 2 * yx, yx, yx
 
-  @classmethod
-  def preset(cls, name: str, **overrides: Any) -> WanConfig:
-    """A named preset (see `WAN_PRESETS`) with optional field overrides."""
-    try:
-      base = WAN_PRESETS[name]
-    except KeyError:
-      raise ValueError(f"unknown Wan preset {name!r}; choose from {sorted(WAN_PRESETS)}") from None
-    return dataclasses.replace(base, **overrides)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-serialisable field dict (inverse of `from_dict`)."""
-    out = dataclasses.asdict(self)
-    out["patch_size"] = list(self.patch_size)
-    return out
+  family = "Wan"
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> WanConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown WanConfig fields: {sorted(unknown)}")
-    return cls(**d)
+  def presets(cls) -> dict[str, WanConfig]:
+    return WAN_PRESETS
 
 
 WAN_PRESETS: dict[str, WanConfig] = {
