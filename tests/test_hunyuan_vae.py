@@ -1,0 +1,128 @@
+"""HunyuanVideo causal 3D VAE (decoder path): parity with diffusers' `AutoencoderKLHunyuanVideo`
+on a tiny random VAE (tests/goldens/make_hunyuan_vae_goldens.py), the converter's checks, input and
+config validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from astraea_jax.models import hunyuan_vae as hv
+from checkpoints_convert import hunyuan_vae as convert_vae
+from checkpoints_convert import safetensors_io
+from checkpoints_convert.common import CheckpointError
+
+GOLDEN = pathlib.Path(__file__).resolve().parent / "goldens" / "hunyuan_vae"
+TINY = hv.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def vae():
+  config, params = convert_vae.load_params(GOLDEN)
+  return hv.from_params(config, params)
+
+
+def test_decode_matches_diffusers(vae):
+  assert vae.config == TINY  # read from the golden's config.json
+  golden = np.load(GOLDEN / "io.npz")
+  z, ref = golden["z"], golden["video"]
+  assert z.shape == (1, 4, 3, 4, 6)
+  out = np.asarray(hv.decode_jit(vae, jnp.asarray(z)))
+  assert out.shape == ref.shape == (1, 3, TINY.num_frames(3), 32, 48) == (1, 3, 9, 32, 48)
+  err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+  print(f"hunyuan VAE decode vs diffusers: max relative error {err:.3g}")
+  assert err < 1e-4, err
+  # decode_scaled undoes the transformer's latent scaling.
+  scaled = np.asarray(jax.jit(lambda v, x: v.decode_scaled(x))(vae, jnp.asarray(
+      z * np.float32(TINY.scaling_factor))))
+  np.testing.assert_allclose(scaled, out, rtol=1e-4, atol=1e-4 * np.max(np.abs(ref)))
+
+
+def test_decode_rejects_bad_latents(vae):
+  with pytest.raises(ValueError, match=r"latents must be \[B, 4, T, Y, X\]"):
+    vae.decode(jnp.zeros((1, 3, 2, 4, 4)))  # wrong channel count
+  with pytest.raises(ValueError, match="latents must be"):
+    vae.decode(jnp.zeros((4, 2, 4, 4)))  # no batch axis
+
+
+def test_causal_frame_mask_is_diffusers():
+  t, hw = 3, 2
+  # prepare_causal_attention_mask: meshgrid(indexing="xy") -> x[i, j] = frame(j), y[i, j] = frame(i)
+  frames = np.repeat(np.arange(1, t + 1), hw)
+  x, y = np.meshgrid(frames, frames, indexing="xy")
+  np.testing.assert_array_equal(np.asarray(hv.causal_frame_mask(t, hw)), x <= y)
+
+
+@pytest.mark.parametrize("t", [1, 2, 5])
+def test_released_shapes(t):
+  config = hv.PRESETS["hunyuan-video"]
+  assert config.upsample_factors == ((1, 2), (2, 2), (2, 2), (1, 1))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: hv.HunyuanVAEDecoder(config,
+                                                                          rngs=nnx.Rngs(0))))
+  out = jax.eval_shape(lambda st, z: nnx.merge(graphdef, st).decode(z), state,
+                       jax.ShapeDtypeStruct((1, 16, t, 3, 5), jnp.float32))
+  assert out.shape == (1, 3, (t - 1) * 4 + 1, 24, 40)
+
+
+def _write(folder: pathlib.Path, state) -> pathlib.Path:
+  folder.mkdir(parents=True)
+  shutil.copy(GOLDEN / "config.json", folder / "config.json")
+  safetensors_io.save_file(state, folder / "diffusion_pytorch_model.safetensors")
+  return folder
+
+
+def test_converter_checks(tmp_path):
+  state = dict(safetensors_io.load_folder(GOLDEN / "diffusion_pytorch_model.safetensors"))
+  state = {k: np.array(v) for k, v in state.items()}
+  params, skipped = convert_vae.to_params(state, TINY)
+  assert skipped == sum(k.startswith(("encoder.", "quant_conv.")) for k in state) > 0
+  kernel = params["decoder"]["up_blocks"]["1"]["upsamplers"]["0"]["conv"]["conv"]["kernel"]
+  np.testing.assert_array_equal(
+      kernel, state["decoder.up_blocks.1.upsamplers.0.conv.conv.weight"].transpose(2, 3, 4, 1, 0))
+  # The pipeline root (vae/ inside) works too, in bf16.
+  root = tmp_path / "root"
+  _write(root / "vae", state)
+  config, params = convert_vae.load_params(root, dtype="bf16")
+  assert config.param_dtype == "bfloat16"
+  assert params["post_quant_conv"]["kernel"].dtype == jnp.bfloat16
+  # An unknown tensor, a missing one and the wrong architecture: one-line errors naming keys.
+  with pytest.raises(CheckpointError, match="decoder.extra.weight"):
+    convert_vae.load_params(_write(tmp_path / "extra", {
+        **state, "decoder.extra.weight": np.zeros(3, np.float32)}))
+  with pytest.raises(CheckpointError, match="missing.*decoder.conv_out.conv.kernel"):
+    convert_vae.load_params(_write(tmp_path / "missing", {
+        k: v for k, v in state.items() if not k.startswith("decoder.conv_out.")}))
+  with pytest.raises(CheckpointError, match="shape mismatch for decoder.*checkpoint has"):
+    convert_vae.load_params(GOLDEN, config="hunyuan-video")
+  with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    (tmp_path / "empty").mkdir()
+    convert_vae.load_params(tmp_path / "empty")
+  bad = _write(tmp_path / "badcfg", state)
+  cfg = json.loads((bad / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps({**cfg, "act_fn": "gelu"}))
+  with pytest.raises(CheckpointError, match="act_fn='gelu'"):
+    convert_vae.load_params(bad)
+
+
+def test_config_checks():
+  assert hv.HunyuanVAEConfig.from_dict(TINY.to_dict()) == TINY
+  released = hv.PRESETS["hunyuan-video"]
+  assert (released.latent_channels, released.block_out_channels, released.layers_per_block,
+          released.norm_num_groups, released.scaling_factor) == (16, (128, 256, 512, 512), 2, 32,
+                                                                 0.476986)
+  with pytest.raises(ValueError, match=r"self.block_out_channels=\(4, 6, 8, 8\)"):
+    dataclasses.replace(TINY, block_out_channels=(4, 6, 8, 8))
+  with pytest.raises(ValueError, match="self.temporal_compression_ratio=8"):
+    dataclasses.replace(TINY, temporal_compression_ratio=8)
+  with pytest.raises(ValueError, match="2 up blocks"):
+    dataclasses.replace(TINY, block_out_channels=(4, 8), spatial_compression_ratio=4)
+  with pytest.raises(ValueError, match="self.latent_channels=0"):
+    dataclasses.replace(TINY, latent_channels=0)
