@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 def load_model(name: str):
   """'default', a converted Wan2.1 folder, a Wan2.1 release folder (diffusers or original layout),
-  or a converted OpenSora v1.2 folder (`python -m checkpoints_convert opensora_t2v`)."""
+  a converted OpenSora v1.2 folder (`python -m checkpoints_convert opensora_t2v`) or a diffusers
+  HunyuanVideo folder (converted in memory)."""
   if name == "default":
     from astraea_jax.default_model import load_default_pipeline  # pylint: disable=import-outside-toplevel
     return load_default_pipeline()
@@ -23,10 +24,18 @@ def load_model(name: str):
   # An OpenSora folder has the same component folders as a converted Wan one: ask it first.
   if pipeline_opensora.is_opensora_folder(name):
     return pipeline_opensora.load_opensora_pipeline(name)
+  # The converters sit above the library; only the command-line layer reaches for them.
+  from checkpoints_convert import hunyuan_t2v  # pylint: disable=import-outside-toplevel
+  from checkpoints_convert.common import CheckpointError  # pylint: disable=import-outside-toplevel
+
+  if hunyuan_t2v.is_release(name):  # a diffusers folder too: ask before Wan's
+    print(f"converting {name} (HunyuanVideo) in memory", file=sys.stderr)
+    try:
+      return hunyuan_t2v.load_pipeline(name)
+    except CheckpointError as e:
+      raise ValueError(str(e)) from None
   if folder_kind(name) == "converted":
     return load_wan_pipeline(name)
-  # The converters sit above the library; only the command-line layer reaches for them.
-  from checkpoints_convert.common import CheckpointError  # pylint: disable=import-outside-toplevel
   from checkpoints_convert.wan_t2v import load_pipeline  # pylint: disable=import-outside-toplevel
 
   print(f"converting {name} in memory (convert once with `python -m checkpoints_convert wan_t2v` "

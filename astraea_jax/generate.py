@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--model", default="default",
                  help="'default' (embedded model), a Wan2.1-T2V folder as released (diffusers or "
                       "original layout, converted in memory at start) or one converted by "
-                      "`python -m checkpoints_convert wan_t2v`")
+                      "`python -m checkpoints_convert wan_t2v`, a converted OpenSora v1.2 folder "
+                      "(`checkpoints_convert opensora_t2v`), or a diffusers HunyuanVideo folder "
+                      "(converted in memory); the family is detected")
   g.add_argument("--prompt", default=None, help="the text prompt")
   g.add_argument("--prompt-file", type=Path, default=None,
                  help="a UTF-8 text file with one prompt per line (a batch; blank lines ignored)")
@@ -362,14 +364,14 @@ def run(argv: list[str] | None = None) -> int:
     budget += f" | {summary_line(result.step_records, result.num_layers)}"
   print(f"wrote {', '.join(map(str, outs))} | {budget} | total {result.total_seconds:.1f} s "
         f"(text {result.encode_seconds:.1f} s, denoise {stats.total_seconds:.1f} s, "
-        f"decode {result.decode_seconds:.1f} s) | {stats.steady_step_seconds * 1e3:.0f} ms/step "
-        f"steady, compile {sum(stats.compile_seconds):.1f} s")
+        f"decode {result.decode_seconds:.1f} s) | {_ms_per_step(stats)}, "
+        f"compile {sum(stats.compile_seconds):.1f} s")
   if dense is not None:
     d = dense.denoise_stats
     p = np.mean([metrics.psnr(a, b) for a, b in zip(result.frames, dense.frames)])
     s = np.mean([metrics.ssim(a, b) for a, b in zip(result.frames, dense.frames)])
     speedup = _compute_seconds(d) / max(_compute_seconds(stats), 1e-9)
-    print(f"dense: denoise {d.total_seconds:.1f} s, {d.steady_step_seconds * 1e3:.0f} ms/step steady | "
+    print(f"dense: denoise {d.total_seconds:.1f} s, {_ms_per_step(d)} | "
           f"speedup {speedup:.2f}x (denoising, compile time excluded) | PSNR {p:.2f} dB, "
           f"SSIM {s:.4f} vs dense")
   return 0
@@ -385,6 +387,12 @@ def _knobs(config) -> str:
 def _compute_seconds(stats) -> float:
   """Denoising wall time less the XLA compile time observed in each step."""
   return sum(max(s - c, 0.0) for s, c in zip(stats.step_seconds, stats.compile_seconds))
+
+
+def _ms_per_step(stats) -> str:
+  # Every step of a short run may have compiled: then there is no steady time to show.
+  ms = stats.steady_step_seconds * 1e3
+  return "every step compiled" if ms != ms else f"{ms:.0f} ms/step steady"
 
 
 def main(argv: list[str] | None = None) -> int:

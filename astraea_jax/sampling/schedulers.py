@@ -61,8 +61,8 @@ __all__ = [
     "make_scheduler",
 ]
 
-SigmaSchedule = Literal["diffusers", "wan"]
-_SIGMA_SCHEDULES = ("diffusers", "wan")
+SigmaSchedule = Literal["diffusers", "wan", "hunyuan"]
+_SIGMA_SCHEDULES = ("diffusers", "wan", "hunyuan")
 _SOLVER_TYPES = ("bh1", "bh2")
 _MAX_ORDER = 3
 
@@ -73,7 +73,9 @@ def flow_sigmas(num_steps: int, *, sigma_schedule: SigmaSchedule = "diffusers", 
 
   Returns `(sigmas, timesteps)`: sigmas `[N+1]` float32 (decreasing, the last one 0) and timesteps
   `[N]` int64, `int(sigma * num_train_timesteps)` taken in float64 before the float32 cast, exactly
-  as diffusers' `UniPCMultistepScheduler.set_timesteps` (or Wan's) computes them.
+  as diffusers' `UniPCMultistepScheduler.set_timesteps` (or Wan's) computes them. "hunyuan":
+  `linspace(1, 0)` shifted in float32, timesteps `sigma * T` float32 unrounded (diffusers'
+  `HunyuanVideoPipeline` with `FlowMatchEulerDiscreteScheduler`).
   """
   _check_schedule(sigma_schedule, shift, num_train_timesteps)
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
@@ -81,6 +83,12 @@ def flow_sigmas(num_steps: int, *, sigma_schedule: SigmaSchedule = "diffusers", 
   if num_steps < 1:
     raise ValueError(f"{num_steps=} must be positive")
   t = num_train_timesteps
+  if sigma_schedule == "hunyuan":
+    # diffusers' HunyuanVideoPipeline: linspace(1, 0) sigmas given to FlowMatchEulerDiscreteScheduler,
+    # which shifts them in float32 and feeds the model sigma * T unrounded.
+    sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
+    sigmas = np.float32(shift) * sigmas / (1 + (np.float32(shift) - 1) * sigmas)
+    return np.append(sigmas, 0.0).astype(np.float32), (sigmas * np.float32(t)).astype(np.float32)
   if sigma_schedule == "diffusers":
     sigmas = np.linspace(1.0, 1.0 / t, num_steps + 1)[:-1]
   else:
@@ -195,6 +203,8 @@ EULER_PRESETS: dict[str, FlowEulerConfig] = {
     "wan2.1-720p": FlowEulerConfig(sigma_schedule="diffusers", shift=5.0),
     "wan2.1-original": FlowEulerConfig(sigma_schedule="wan", shift=5.0),
     "tiny": FlowEulerConfig(sigma_schedule="diffusers", shift=3.0),
+    # HunyuanVideo (diffusers' pipeline and the original sample_video.py: flow shift 7).
+    "hunyuan-video": FlowEulerConfig(sigma_schedule="hunyuan", shift=7.0),
 }
 
 
