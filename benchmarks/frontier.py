@@ -109,7 +109,7 @@ def settings(steps: int, quick: bool) -> list[Setting]:
                          EasyCacheConfig(0.05), schedule))
   out += [Setting("teacache", f"teacache {t:g}", TeaCacheConfig(t)) for t in (0.05, 0.1, 0.2, 0.3)]
   out += [Setting("easycache", f"easycache {t:g}", EasyCacheConfig(t))
-          for t in (0.05, 0.1, 0.2, 0.3)]
+          for t in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
   out += [Setting("pab", "pab 2/6 [100,800]", PABConfig(2, 6, 100.0, 800.0)),
           Setting("pab", "pab 2/6 [100,950]", PABConfig(2, 6, 100.0, 950.0)),
           Setting("pab", "pab 3/6 [100,950]", PABConfig(3, 6, 100.0, 950.0))]
@@ -118,6 +118,9 @@ def settings(steps: int, quick: bool) -> list[Setting]:
                   uniform(0.5)),
           Setting("step-skip+astraea", "step-skip 2 + astraea 0.7", StepSkipConfig(2),
                   uniform(0.7))]
+  # Token reuse on the steps a step cache computes: mild budgets on top of EasyCache's skips.
+  out += [Setting("easycache+astraea", f"easycache {t:g} + astraea {b:g}", EasyCacheConfig(t),
+                  uniform(b)) for t, b in ((0.2, 0.7), (0.3, 0.7), (0.3, 0.8), (0.4, 0.8))]
   return out
 
 
@@ -402,8 +405,10 @@ def main(argv=None) -> int:
     points = [s for s in points if s.label not in have]
   print(f"quality: {len(points)} settings x {len(seeds)} seed(s), {len(prompts)} prompts, "
         f"{steps} steps, on {jax.devices()[0].device_kind}", flush=True)
-  rows = done["runs"] + quality_part(pipe, cfg, prompts, seeds, points,
-                                     warm=not args.no_warm_up)
+  new_rows = quality_part(pipe, cfg, prompts, seeds, points, warm=not args.no_warm_up)
+  for row in new_rows:  # a resumed file may hold rows measured on another device
+    row.setdefault("device", jax.devices()[0].device_kind)
+  rows = done["runs"] + new_rows
   for row in rows:
     row["num_computed"] = len(row["computed_steps"])
 
