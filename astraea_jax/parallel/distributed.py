@@ -56,6 +56,9 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
       kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                     num_processes=_count(env, "JAX_NUM_PROCESSES"),
                     process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    if jax.config.jax_cpu_collectives_implementation is None:
+      # CPU processes need a cross-process collectives backend (the default of recent JAX).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _initialized = True
   return _initialized

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--devices", type=int, default=None, metavar="N",
                  help="split every population run's batch rows (candidates x prompts) over the "
                       "first N devices, parameters replicated (1: one device; default: every "
-                      "visible GPU, one device on CPU, as for generate)")
+                      "visible GPU, one device on CPU, as for generate). Several processes "
+                      "(jax.distributed): N must be a multiple of the process count (default: "
+                      "every device of every process)")
   g.add_argument("--quiet", action="store_true", help="no progress bar")
   return p
 
@@ -142,24 +144,37 @@ def run(argv: list[str] | None = None) -> int:
   prompts = None if args.prompts is None else _read_prompts(args.prompts)
   # Heavy imports after the cheap checks, so usage errors are instant.
   # pylint: disable=import-outside-toplevel
+  import jax
+
   from astraea_jax import parallel, video
+
+  # Several hosts (`jax.distributed`, as for generate): every process runs the same search with
+  # the same seed; the population's rows are split over the devices of all processes, every
+  # process reads back the same fitness values, and process 0 alone writes files and reports.
+  parallel.maybe_initialize()  # before anything touches the devices (the imports below do)
   from astraea_jax.search.algorithm import GAConfig
   from astraea_jax.search.fitness import PopulationFitness, calibration_prompts
   from astraea_jax.search.runner import levels_evaluator, read_state, run_search
   from astraea_jax.search.space import BudgetSpace
   # pylint: enable=import-outside-toplevel
 
-  # One host: the population's rows are split over this host's devices (a multi-host search would
-  # need the fitness values gathered across processes, which is not done).
-  import jax  # pylint: disable=import-outside-toplevel
-
-  visible = len(jax.local_devices())
-  devices = parallel.default_num_devices() if args.devices is None else args.devices
-  if devices > visible:
-    raise ValueError(f"--devices {devices} must be at most {visible} (the visible devices)")
-  video.check_writable(args.out)  # fail before any work if the files cannot be written
-  if args.state is not None:
-    video.check_writable(args.state)
+  processes = jax.process_count()
+  lead = jax.process_index() == 0
+  visible = len(jax.devices())
+  if processes > 1:
+    devices = visible if args.devices is None else args.devices
+    if devices > visible or devices % processes:
+      raise ValueError(f"--devices {devices} must be a multiple of the {processes} processes and "
+                       f"at most {visible} (all devices)")
+  else:
+    visible = len(jax.local_devices())
+    devices = parallel.default_num_devices() if args.devices is None else args.devices
+    if devices > visible:
+      raise ValueError(f"--devices {devices} must be at most {visible} (the visible devices)")
+  if lead:  # fail before any work if the files cannot be written (process 0 writes them)
+    video.check_writable(args.out)
+    if args.state is not None:
+      video.check_writable(args.state)
   if prompts is None:
     prompts = calibration_prompts(args.num_prompts)
   ga = GAConfig(num_parents=args.population, num_offspring=args.offspring,
@@ -180,14 +195,24 @@ def run(argv: list[str] | None = None) -> int:
   space = BudgetSpace(num_steps=cfg.steps, budget=args.budget, tolerance=args.tolerance)
 
   dense = None
-  if args.state is not None and args.state.exists():
+  resume = args.state is not None and args.state.exists()
+  if processes > 1 and args.state is not None:
+    # Every process resumes from the state file that process 0 writes: it must see it too.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(resume)))
+    if seen.min() != seen.max():
+      raise ValueError(f"--state {args.state} exists for some processes only: with several "
+                       "hosts it must lie on a filesystem that every host sees")
+  if resume:
     dense = read_state(args.state)[1].get("dense")  # the search's meta is checked by run_search
   chunk = min(args.max_batch or args.offspring, args.offspring)
-  print(f"{pipe.name}: searching a {cfg.steps}-step schedule, budget {args.budget:g} (mean in "
-        f"[{space.mean_window[0]:.3f}, {space.mean_window[1]:.3f}]), {len(prompts)} prompt(s), "
-        f"{cfg.width}x{cfg.height}, {cfg.frames} frames, {ga.num_evaluations} schedules, "
-        f"{devices} device(s)",
-        file=sys.stderr)
+  report = print if lead else lambda *a, **k: None  # process 0 alone reports
+  report(f"{pipe.name}: searching a {cfg.steps}-step schedule, budget {args.budget:g} (mean in "
+         f"[{space.mean_window[0]:.3f}, {space.mean_window[1]:.3f}]), {len(prompts)} prompt(s), "
+         f"{cfg.width}x{cfg.height}, {cfg.frames} frames, {ga.num_evaluations} schedules, "
+         f"{devices} device(s)",
+         file=sys.stderr)
   fitness = PopulationFitness(pipe, prompts, cfg, chunk=chunk, min_bucket=args.min_bucket,
                               dense=dense, compile_workers=args.compile_threads,
                               compiler_options=NO_AUTOTUNE if args.no_autotune else None,
@@ -196,7 +221,7 @@ def run(argv: list[str] | None = None) -> int:
           "frames": cfg.frames, "guidance": cfg.guidance, "solver": cfg.solver}
   result = run_search(space, ga, levels_evaluator(space, fitness), seed=args.seed,
                       state_path=args.state, meta=meta, cache={"dense": fitness.dense},
-                      progress=not args.quiet)
+                      progress=not args.quiet and lead)
 
   schedule = space.to_schedule(result.best, name=f"searched-{args.budget:g}")
   record = json.loads(schedule.to_json())
@@ -210,13 +235,14 @@ def run(argv: list[str] | None = None) -> int:
       "population": ga.num_parents, "offspring": ga.num_offspring,
       "generations": ga.num_generations, "evaluations": result.evaluations,
       "history": [{k: h[k] for k in ("generation", "best", "mean")} for h in result.history]})
-  with video.atomic_path(args.out) as tmp:
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+  if lead:
+    with video.atomic_path(args.out) as tmp:
+      tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
   rate = fitness.candidates_evaluated / max(result.seconds, 1e-9)
-  print(f"wrote {args.out} | mean theta {schedule.mean:.3f} (target {args.budget:g}) | fitness "
-        f"{result.fitness:.4g} vs {result.uniform_fitness:.4g} for the near-uniform schedule | "
-        f"{fitness.candidates_evaluated} schedules evaluated in {result.seconds:.1f} s "
-        f"({rate:.2f}/s) | thetas {' '.join(f'{t:g}' for t in schedule.thetas)}")
+  report(f"wrote {args.out} | mean theta {schedule.mean:.3f} (target {args.budget:g}) | fitness "
+         f"{result.fitness:.4g} vs {result.uniform_fitness:.4g} for the near-uniform schedule | "
+         f"{fitness.candidates_evaluated} schedules evaluated in {result.seconds:.1f} s "
+         f"({rate:.2f}/s) | thetas {' '.join(f'{t:g}' for t in schedule.thetas)}")
   return 0
 
 

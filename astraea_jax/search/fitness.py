@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from astraea_jax.acceleration.astraea import astraea_forward, jit_astraea_step
@@ -102,38 +103,88 @@ def _bucket(rows: int, min_bucket: int, total: int, multiple: int = 1) -> int:
 
 
 def data_mesh(num_devices: int) -> jax.sharding.Mesh | None:
-  """A 1-D mesh ("data",) over the first `num_devices` devices; None for one device."""
-  visible = len(jax.devices())
+  """A 1-D mesh ("data",) over `num_devices` devices; None for one device of one process.
+
+  One process: the first `num_devices` of `jax.devices()`. Several processes (`jax.distributed`):
+  `num_devices` must be a multiple of the process count, and the mesh takes the first
+  `num_devices / processes` local devices of every process, so that every process holds rows.
+  """
+  devices = jax.devices()
+  visible = len(devices)
   if not 1 <= num_devices <= visible:
     raise ValueError(f"--devices {num_devices} must lie in [1, {visible}] (the visible devices)")
-  if num_devices == 1:
-    return None
+  processes = jax.process_count()
+  if processes == 1:
+    if num_devices == 1:
+      return None
+    chosen = devices[:num_devices]
+  else:
+    per = num_devices // processes
+    local = [[d for d in devices if d.process_index == p] for p in range(processes)]
+    if num_devices % processes or any(len(ds) < per for ds in local):
+      raise ValueError(f"--devices {num_devices} must be a multiple of the {processes} processes "
+                       f"and at most {visible} (all devices), as many from every process")
+    chosen = [d for ds in local for d in ds[:per]]
   return jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+                       devices=chosen)
+
+
+@functools.lru_cache(maxsize=64)
+def _reshard_fn(sharding):
+  return jax.jit(lambda a: a, out_shardings=sharding)
+
+
+def _put_global(a, sharding):
+  """`a` placed on a sharding that spans several processes. Every process passes the same value:
+  host values (numpy, or arrays of this process's devices) become a global array through
+  `jax.make_array_from_callback`; an array already spanning the processes is resharded by jit."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return a if a.sharding == sharding else _reshard_fn(sharding)(a)
+  if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_put_global(jax.random.key_data(a), sharding),
+                                    impl=jax.random.key_impl(a))
+  host = np.asarray(a)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(a) -> np.ndarray:
+  """The value of a (possibly multi-process) array as numpy, the same on every process."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(a)
 
 
 class _Placement:
-  """Where the population arrays live: batch rows split over a data mesh, the rest replicated."""
+  """Where the population arrays live: batch rows split over a data mesh, the rest replicated.
+
+  A mesh over several processes places every process's identical host values as global arrays
+  (`_put_global`); one process uses `jax.device_put`."""
 
   def __init__(self, mesh: jax.sharding.Mesh | None):
     self.mesh = mesh
     self.size = 1 if mesh is None else mesh.size
+    self.multi_process = mesh is not None and jax.process_count() > 1
     if mesh is not None:
       self.rows0 = NamedSharding(mesh, PartitionSpec("data"))  # [B, ...]
       self.rows1 = NamedSharding(mesh, PartitionSpec(None, "data"))  # [L, B, ...]
       self.replicated = NamedSharding(mesh, PartitionSpec())
 
+  def _put(self, tree, sharding):
+    if not self.multi_process:
+      return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: _put_global(a, sharding), tree)
+
   def rows(self, a):
-    return a if self.mesh is None else jax.device_put(a, self.rows0)
+    return a if self.mesh is None else self._put(a, self.rows0)
 
   def replicate(self, tree):
-    return tree if self.mesh is None else jax.device_put(tree, self.replicated)
+    return tree if self.mesh is None else self._put(tree, self.replicated)
 
   def cache(self, cache: TokenCache) -> TokenCache:
     if self.mesh is None:
       return cache
-    put = lambda a: jax.device_put(a, self.rows1)  # noqa: E731
-    proj = None if cache.proj is None else jax.device_put(cache.proj, self.replicated)
+    put = lambda a: self._put(a, self.rows1)  # noqa: E731
+    proj = None if cache.proj is None else self._put(cache.proj, self.replicated)
     return cache.replace(out=put(cache.out), in_ref=put(cache.in_ref), lse=put(cache.lse),
                          skips=put(cache.skips), proj=proj)
 
@@ -357,9 +408,11 @@ class PopulationFitness:
     compile_workers: threads compiling a chunk's missing programs ahead of its loop (None: one
       per CPU core; 0: compile on first use).
     compiler_options: XLA options of those compiles (see `PopulationStepModel`).
-    devices: devices (the first of `jax.devices()`) whose data mesh splits the batch rows; the
-      runs are padded with cache-only candidates so that the rows split evenly. The dense runs
-      stay on one device.
+    devices: devices (the first of `jax.devices()`; with several processes, as many of every
+      process's, see `data_mesh`) whose data mesh splits the batch rows; the runs are padded with
+      cache-only candidates so that the rows split evenly. The dense runs stay on one device (of
+      every process; process 0's result is broadcast). With several processes every process must
+      call it with the same values, and every process gets the same fitness.
   """
 
   pipeline: WanPipeline
@@ -421,6 +474,10 @@ class PopulationFitness:
     latents, _, _ = denoise(DenseStepModel(self.pipeline.transformer, context), self.noise,
                             self.scheduler, self.scheduler_state, guidance_scale=self.cfg.guidance,
                             progress=False, prediction=self.pipeline.prediction)
+    if self._place.multi_process:
+      # Every process ran the same dense loop on its own device; process 0's result is the
+      # reference everywhere, so that every process computes bit-identical fitness values.
+      return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(latents)))
     return np.asarray(latents)
 
   def row_ks(self, thetas: np.ndarray) -> np.ndarray:
@@ -432,12 +489,12 @@ class PopulationFitness:
 
   def final_latents(self, thetas) -> np.ndarray:
     """Final latents `[C, P, C_in, T, Y, X]` of every candidate and calibration prompt."""
-    return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
+    return np.concatenate(list(self._chunks(thetas, lambda latents, n: to_host(
         latents).reshape(self._run, len(self.prompts), *self.latent_shape)[:n])))
 
   def __call__(self, thetas) -> np.ndarray:
-    return np.concatenate(list(self._chunks(thetas, lambda latents, n: np.asarray(
-        _mse_per_candidate(latents, self._dense_dev), np.float64)[:n])))
+    return np.concatenate(list(self._chunks(thetas, lambda latents, n: to_host(
+        _mse_per_candidate(latents, self._dense_dev)).astype(np.float64)[:n])))
 
   def _chunks(self, thetas, reduce):
     thetas = np.asarray(thetas, np.float64)

@@ -112,7 +112,8 @@ def run_search(space: BudgetSpace, config: GAConfig, evaluate: Evaluate, *, seed
     config: population sizes, generations, mutation schedule.
     evaluate: fitness of a population of grid levels `[C, T_s]` -> `[C]`.
     seed: seed of the GA's random key.
-    state_path: the state file; resumed from if it exists, (re)written after every generation.
+    state_path: the state file; resumed from if it exists, (re)written after every generation
+      (by process 0 alone when `jax.distributed` runs several).
     meta: JSON-able description of the search (model, prompts, size, ...): a state file written
       with other meta, space, config or seed is refused.
     cache: arrays stored in the state file beside the GA state (e.g. the dense latents).
@@ -148,7 +149,7 @@ def run_search(space: BudgetSpace, config: GAConfig, evaluate: Evaluate, *, seed
     extra = {k: np.asarray(v) for k, v in (cache or {}).items()}
 
   def save():
-    if path is None:
+    if path is None or jax.process_index() != 0:  # several processes: process 0 writes it
       return
     arrays = {k: np.asarray(getattr(state, k)) for k in _GA_FIELDS}
     arrays["key"] = np.asarray(jax.random.key_data(key))
