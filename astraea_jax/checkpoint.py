@@ -137,3 +137,26 @@ def load_params(path: str | os.PathLike, abstract_state: Any, *, shardings: Any 
     nnx.replace_by_pure_dict(out, restored)
     return out
   return restored
+
+
+def module_from_params(make: Any, params: Mapping[str, Any], *, what: str) -> Any:
+  """`make()` (an NNX module constructor, run abstractly) filled with converted `params` (the pure
+  dict of `nnx.state(module, nnx.Param)`); nothing is randomly initialised. `what` names the model
+  in the error when the params do not fit."""
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  try:
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  except ValueError as e:
+    raise ValueError(f"params do not fit a {what} of this config: {e}") from e
+  return nnx.merge(graphdef, state)
+
+
+def load_module(path: str | os.PathLike, make: Any, *, family: str, shardings: Any = None) -> Any:
+  """`make(config_dict)` (an NNX module constructor from the checkpoint's stored config, run
+  abstractly) restored from a checkpoint of `family` written by `save_params`."""
+  meta = read_metadata(path)
+  if meta.get("family") != family:
+    raise ValueError(f"{path}: a {meta.get('family')!r} checkpoint, not {family}")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: make(meta["config"])))
+  state = load_params(path, state, shardings=shardings, family=family)
+  return nnx.merge(graphdef, state)

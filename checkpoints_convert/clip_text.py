@@ -17,8 +17,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
@@ -29,12 +27,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint
 from astraea_jax.models import clip_text as clip_model
 from astraea_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from checkpoints_convert import safetensors_io
-from checkpoints_convert.common import (CheckpointError, ParamTree, atomic_output_dir,
-                                        check_all_used, parse_dtype)
+from checkpoints_convert.common import (CheckpointError, ParamTree, check_all_used, encoder_main,
+                                        parse_dtype, save_converted)
 
 __all__ = ["convert", "expected_params", "load_params", "main", "to_params"]
 
@@ -165,28 +162,13 @@ def load_params(src: str | os.PathLike, config: CLIPTextConfig | str | None = No
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
             config: CLIPTextConfig | str | None = None, overwrite: bool = False) -> str:
   """Converts a CLIP text encoder to an `astraea_jax.checkpoint` directory (family "clip_text")."""
-  with atomic_output_dir(out, overwrite=overwrite) as tmp:
-    config, params = load_params(src, config, dtype=dtype)
-    checkpoint.save_params(tmp, params, family=clip_model.FAMILY,
-                           config=dataclasses.asdict(config),
-                           extra={"source": os.fspath(src), "dtype": str(parse_dtype(dtype))})
-  return os.fspath(out)
+  return save_converted(src, out, load_params, family=clip_model.FAMILY, config=config, dtype=dtype,
+                        overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m checkpoints_convert clip_text",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="transformers CLIP folder, or a diffusers HunyuanVideo root "
-                      "(text_encoder_2/)")
-  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
-  parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
-  parser.add_argument("--preset", default=None, help="architecture preset instead of config.json")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-  args = parser.parse_args(argv)
-  path = convert(args.src, args.out, dtype=args.dtype, config=args.preset, overwrite=args.overwrite)
-  print(f"wrote {path}")
-  return 0
+  return encoder_main(argv, convert, prog="python -m checkpoints_convert clip_text", description=__doc__.split("\n")[0],
+                      src_help="transformers CLIP folder, or a diffusers HunyuanVideo root (text_encoder_2/)")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,33 @@ def _size(n: int) -> str:
     if n >= scale:
       return f"{n / scale:.2f} {unit}"
   return f"{n} B"
+
+
+def save_converted(src: str | os.PathLike, out: str | os.PathLike, load: Any, *, family: str,
+                   config: Any, dtype: str, overwrite: bool) -> str:
+  """`load(src, config, dtype=dtype) -> (config, params)` written to an `astraea_jax.checkpoint`
+  directory of `family`; nothing is left at `out` if reading or writing fails."""
+  from astraea_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    config, params = load(src, config, dtype=dtype)
+    checkpoint.save_params(tmp, params, family=family, config=dataclasses.asdict(config),
+                           extra={"source": os.fspath(src), "dtype": str(parse_dtype(dtype))})
+  return os.fspath(out)
+
+
+def encoder_main(argv: Any, convert: Any, *, prog: str, description: str, src_help: str) -> int:
+  """The command line of a single-component converter: --src, --out, --dtype, --preset,
+  --overwrite, calling `convert(src, out, dtype=, config=, overwrite=)`."""
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser.add_argument("--src", required=True, help=src_help)
+  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
+  parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
+  parser.add_argument("--preset", default=None, help="architecture preset instead of config.json")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  args = parser.parse_args(argv)
+  path = convert(args.src, args.out, dtype=args.dtype, config=args.preset, overwrite=args.overwrite)
+  print(f"wrote {path}")
+  return 0

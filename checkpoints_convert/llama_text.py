@@ -19,8 +19,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
@@ -31,12 +29,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint
 from astraea_jax.models import llama_text as llama_model
 from astraea_jax.models.llama_text import LlamaTextConfig, LlamaTextModel
 from checkpoints_convert import safetensors_io
-from checkpoints_convert.common import (CheckpointError, ParamTree, atomic_output_dir,
-                                        check_all_used, parse_dtype)
+from checkpoints_convert.common import (CheckpointError, ParamTree, check_all_used, encoder_main,
+                                        parse_dtype, save_converted)
 
 __all__ = ["convert", "expected_params", "load_params", "main", "to_params"]
 
@@ -155,28 +152,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
   Read back by `astraea_jax.models.llama_text.load_text_encoder`; nothing is left at `out` if
   conversion fails.
   """
-  with atomic_output_dir(out, overwrite=overwrite) as tmp:
-    config, params = load_params(src, config=config, dtype=dtype)
-    checkpoint.save_params(tmp, params, family=llama_model.FAMILY,
-                           config=dataclasses.asdict(config),
-                           extra={"source": os.fspath(src), "dtype": str(parse_dtype(dtype))})
-  return os.fspath(out)
+  return save_converted(src, out, load_params, family=llama_model.FAMILY, config=config, dtype=dtype,
+                        overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m checkpoints_convert llama_text",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="transformers Llama folder (config.json + safetensors) or a diffusers "
-                      "HunyuanVideo root with text_encoder/")
-  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
-  parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
-  parser.add_argument("--preset", default=None, help="architecture preset instead of config.json")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-  args = parser.parse_args(argv)
-  path = convert(args.src, args.out, dtype=args.dtype, config=args.preset, overwrite=args.overwrite)
-  print(f"wrote {path}")
-  return 0
+  return encoder_main(argv, convert, prog="python -m checkpoints_convert llama_text", description=__doc__.split("\n")[0],
+                      src_help="transformers Llama folder (config.json + safetensors) or a diffusers HunyuanVideo root with text_encoder/")
 
 
 if __name__ == "__main__":

@@ -397,13 +397,9 @@ def from_params(config: LlamaTextConfig, params: Mapping[str, Any], *,
   Nothing is randomly initialised; parameters keep the dtype they were converted to and compute runs
   in `dtype`.
   """
-  abstract = nnx.eval_shape(lambda: LlamaTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  try:
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  except ValueError as e:
-    raise ValueError(f"params do not fit a Llama text encoder of this config: {e}") from e
-  return nnx.merge(graphdef, state)
+  return checkpoint.module_from_params(
+      lambda: LlamaTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)), params,
+      what="Llama text encoder")
 
 
 def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
@@ -416,13 +412,9 @@ def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtyp
     param_dtype: dtype the parameters are restored in; defaults to `dtype`.
     shardings: passed to `astraea_jax.checkpoint.load_params` (default: the first local device).
   """
-  meta = checkpoint.read_metadata(path)
-  if meta.get("family") != FAMILY:
-    raise ValueError(f"{path}: a {meta.get('family')!r} checkpoint, not {FAMILY}")
-  config = LlamaTextConfig(**meta["config"])
   param_dtype = dtype if param_dtype is None else param_dtype
-  abstract = nnx.eval_shape(
-      lambda: LlamaTextModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  state = checkpoint.load_params(path, state, shardings=shardings, family=FAMILY)
-  return nnx.merge(graphdef, state)
+  return checkpoint.load_module(
+      path,
+      lambda c: LlamaTextModel(LlamaTextConfig(**c), dtype=dtype, param_dtype=param_dtype,
+                   rngs=nnx.Rngs(0)),
+      family=FAMILY, shardings=shardings)

@@ -355,13 +355,9 @@ def from_params(config: UMT5Config, params: Mapping[str, Any], *, dtype=jnp.floa
   Nothing is randomly initialised; parameters keep the dtype they were converted to and compute runs
   in `dtype`.
   """
-  abstract = nnx.eval_shape(lambda: UMT5Encoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  try:
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  except ValueError as e:
-    raise ValueError(f"params do not fit a umT5 encoder of this config: {e}") from e
-  return nnx.merge(graphdef, state)
+  return checkpoint.module_from_params(
+      lambda: UMT5Encoder(config, dtype=dtype, rngs=nnx.Rngs(0)), params,
+      what="umT5 encoder")
 
 
 def load_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
@@ -374,13 +370,9 @@ def load_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=Non
     param_dtype: dtype the parameters are restored in; defaults to `dtype`.
     shardings: passed to `astraea_jax.checkpoint.load_params` (default: the first local device).
   """
-  meta = checkpoint.read_metadata(path)
-  if meta.get("family") != "umt5":
-    raise ValueError(f"{path}: a {meta.get('family')!r} checkpoint, not umt5")
-  config = UMT5Config(**meta["config"])
   param_dtype = dtype if param_dtype is None else param_dtype
-  abstract = nnx.eval_shape(
-      lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  state = checkpoint.load_params(path, state, shardings=shardings, family="umt5")
-  return nnx.merge(graphdef, state)
+  return checkpoint.load_module(
+      path,
+      lambda c: UMT5Encoder(UMT5Config(**c), dtype=dtype, param_dtype=param_dtype,
+                   rngs=nnx.Rngs(0)),
+      family="umt5", shardings=shardings)
