@@ -72,7 +72,10 @@ def test_two_process_search_equals_one_device(tmp_path):
 
   # Every device of both processes split the rows; process 0 alone wrote and reported.
   assert "4 device(s)" in err0 and "wrote multi0.json" in out0
-  assert not [line for line in out1.splitlines() if not line.startswith("[Gloo]")], out1
+  # gloo's own connection lines come from several threads and may interleave mid-line.
+  own = re.sub(r"\[Gloo\] Rank (\d+ )?|(\d+ )?is connected to \d+ peer ranks\. Expected number of "
+               r"connected peer ranks is : \d+", "", out1)
+  assert not own.strip(), out1
   assert "searching" not in err1
   assert not (tmp_path / "multi1.json").exists() and (tmp_path / "multi.state.npz").exists()
 
