@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "steady_candidates_per_second",
                                             "compiler_options")},
                        "prompts": len(r["prompts"]), "cost_vs_full": r["seconds"] / full["seconds"],
+                       # A resumed record may hold parts run on another GPU model.
+                       "device": jax.devices()[0].device_kind,
                        "held_out_psnr_at_full_size": judged[name]["psnr"],
                        "held_out_uniform_same_mean_psnr": judged["uniform"]["psnr"]}
       save(proxies=proxies)
