@@ -51,6 +51,18 @@ class GenerationError(ValueError):
   """A generation request the model cannot take (size, frames, steps, budget)."""
 
 
+def check_sampling_fields(cfg: Any, positive: Sequence[str] = ()) -> None:
+  """The checks every family's generation config shares: sizes, steps and `positive` (e.g. fps)
+  at least 1, a finite guidance >= 0, a positive shift or None."""
+  for name in ("height", "width", "frames", "steps", *positive):
+    if getattr(cfg, name) < 1:
+      raise GenerationError(f"{name}={getattr(cfg, name)} must be positive")
+  if not np.isfinite(cfg.guidance) or cfg.guidance < 0:
+    raise GenerationError(f"guidance={cfg.guidance} must be a finite number >= 0")
+  if cfg.shift is not None and not cfg.shift > 0:
+    raise GenerationError(f"shift={cfg.shift} must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """One generation request. Defaults are Wan2.1-T2V-1.3B's (480p, 81 frames, 50 steps, guidance 5).
@@ -79,13 +91,7 @@ class GenerationConfig:
   solver: Literal["unipc", "euler"] = "unipc"
 
   def __post_init__(self):
-    for name in ("height", "width", "frames", "steps"):
-      if getattr(self, name) < 1:
-        raise GenerationError(f"{name}={getattr(self, name)} must be positive")
-    if not np.isfinite(self.guidance) or self.guidance < 0:
-      raise GenerationError(f"guidance={self.guidance} must be a finite number >= 0")
-    if self.shift is not None and not self.shift > 0:
-      raise GenerationError(f"shift={self.shift} must be positive")
+    check_sampling_fields(self)
     if self.sigma_schedule not in ("diffusers", "wan"):
       raise GenerationError(f"{self.sigma_schedule=} must be 'diffusers' or 'wan'")
     if self.solver not in ("unipc", "euler"):
@@ -132,6 +138,41 @@ def _dense_forward(graphdef, state, latents, timestep, context):
 
 
 PeerConfig = TeaCacheConfig | EasyCacheConfig | PABConfig | StepSkipConfig
+
+
+def check_request(prompts: Sequence[str], steps: int, schedule: BudgetSchedule | None) -> list[str]:
+  """The prompts as a list, after the checks every pipeline makes on a request."""
+  prompts = list(prompts)
+  if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+    raise GenerationError("every prompt must be a non-empty string")
+  if schedule is not None and len(schedule) != steps:
+    raise GenerationError(f"the schedule has {len(schedule)} steps, the request {steps}")
+  return prompts
+
+
+def check_single_device(name: str, family: str, *, method: Any, devices: int | None) -> None:
+  """Pipelines whose step models are not Wan's: no peer method, one device."""
+  if method is not None:
+    raise GenerationError(f"{name}: the peer methods (--method) support Wan models only")
+  if devices not in (None, 1):
+    raise GenerationError(f"{name}: {family} runs on one device (devices={devices})")
+
+
+def initial_noise(noise: jax.Array | np.ndarray | None, shape: tuple[int, ...],
+                  seed: int) -> jax.Array:
+  """`noise` (checked against the request's latent `shape`), else drawn from `seed`; f32."""
+  if noise is None:
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  if tuple(noise.shape) != tuple(shape):
+    raise GenerationError(f"noise of shape {tuple(noise.shape)} does not fit the request's "
+                          f"latents {tuple(shape)}")
+  return jnp.asarray(noise, jnp.float32)
+
+
+def to_frames(video: jax.Array) -> np.ndarray:
+  """Decoded `[B, 3, F, H, W]` in [-1, 1] -> uint8 `[B, F, H, W, 3]`."""
+  frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
+  return np.moveaxis(frames, 1, -1)
 
 
 def step_method(config: PeerConfig, *, schedule: BudgetSchedule | None = None,
@@ -236,11 +277,7 @@ class WanPipeline:
     sequence shards, top-k per shard with k rounded to a multiple of the shard count); None takes
     the most visible devices that split the request evenly.
     """
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-      raise GenerationError("every prompt must be a non-empty string")
-    if schedule is not None and len(schedule) != cfg.steps:
-      raise GenerationError(f"the schedule has {len(schedule)} steps, the request {cfg.steps}")
+    prompts = check_request(prompts, cfg.steps, schedule)
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
     use_cfg = cfg.guidance != 1.0
@@ -263,12 +300,7 @@ class WanPipeline:
         sigma_schedule=cfg.sigma_schedule, shift=shift)
     scheduler = make_scheduler(sched_cfg)
     state = scheduler.set_timesteps(cfg.steps)
-    if noise is None:
-      noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
-    elif tuple(noise.shape) != (b, c, t, y, x):
-      raise GenerationError(f"noise of shape {tuple(noise.shape)} does not fit the request's "
-                            f"latents {(b, c, t, y, x)}")
-    noise = jnp.asarray(noise, jnp.float32)
+    noise = initial_noise(noise, (b, c, t, y, x), cfg.seed)
 
     if method is not None:
       if mesh is not None:
@@ -290,8 +322,7 @@ class WanPipeline:
     start = time.perf_counter()
     video = jax.block_until_ready(self.decode(latents))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
-    frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
-    frames = np.moveaxis(frames, 1, -1)  # [B, F, H, W, 3]
+    frames = to_frames(video)  # [B, F, H, W, 3]
     records = getattr(step_model, "records", None)
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
                             self.num_tokens(cfg), schedule,

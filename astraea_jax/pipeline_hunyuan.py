@@ -37,7 +37,9 @@ from flax import nnx
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule
 from astraea_jax.acceleration.hunyuan_astraea import HunyuanAstraeaStepModel
 from astraea_jax.models import clip_text, hunyuan_vae, llama_text
-from astraea_jax.pipeline import GenerationError, GenerationResult
+from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
+                                  check_sampling_fields, check_single_device, initial_noise,
+                                  to_frames)
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowEulerScheduler
 
@@ -78,13 +80,7 @@ class HunyuanGenerationConfig:
   fps: int = 24
 
   def __post_init__(self):
-    for name in ("height", "width", "frames", "steps", "fps"):
-      if getattr(self, name) < 1:
-        raise GenerationError(f"{name}={getattr(self, name)} must be positive")
-    if not np.isfinite(self.guidance) or self.guidance < 0:
-      raise GenerationError(f"guidance={self.guidance} must be a finite number >= 0")
-    if self.shift is not None and not self.shift > 0:
-      raise GenerationError(f"shift={self.shift} must be positive")
+    check_sampling_fields(self, positive=("fps",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,15 +266,8 @@ class HunyuanPipeline:
     None). `method`: only None (the peer methods build Wan step models).
     """
     cfg = self.defaults if cfg is None else cfg
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-      raise GenerationError("every prompt must be a non-empty string")
-    if method is not None:
-      raise GenerationError(f"{self.name}: the peer methods (--method) support Wan models only")
-    if devices not in (None, 1):
-      raise GenerationError(f"{self.name}: HunyuanVideo runs on one device (devices={devices})")
-    if schedule is not None and len(schedule) != cfg.steps:
-      raise GenerationError(f"the schedule has {len(schedule)} steps, the request {cfg.steps}")
+    check_single_device(self.name, "HunyuanVideo", method=method, devices=devices)
+    prompts = check_request(prompts, cfg.steps, schedule)
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
 
@@ -289,12 +278,7 @@ class HunyuanPipeline:
     shift = self.shift if cfg.shift is None else float(cfg.shift)
     scheduler = FlowEulerScheduler(FlowEulerConfig(sigma_schedule="hunyuan", shift=shift))
     state = scheduler.set_timesteps(cfg.steps)
-    if noise is None:
-      noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
-    elif tuple(noise.shape) != (b, c, t, y, x):
-      raise GenerationError(f"noise of shape {tuple(noise.shape)} does not fit the request's "
-                            f"latents {(b, c, t, y, x)}")
-    noise = jnp.asarray(noise, jnp.float32)
+    noise = initial_noise(noise, (b, c, t, y, x), cfg.seed)
     guidance = (jnp.full((b,), cfg.guidance * 1000.0, jnp.float32)
                 if self.transformer.config.guidance_embeds else None)
     if schedule is None:
@@ -309,8 +293,7 @@ class HunyuanPipeline:
     start = time.perf_counter()
     video = jax.block_until_ready(self.decode(latents))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
-    frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
-    frames = np.moveaxis(frames, 1, -1)  # [B, F, H, W, 3]
+    frames = to_frames(video)  # [B, F, H, W, 3]
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
                             self.num_tokens(cfg), schedule)
 

@@ -40,7 +40,9 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule, opensora_astraea
-from astraea_jax.pipeline import GenerationError, GenerationResult
+from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
+                                  check_sampling_fields, check_single_device, initial_noise,
+                                  to_frames)
 from astraea_jax.sampling import rflow
 from astraea_jax.sampling.loop import denoise
 
@@ -90,13 +92,7 @@ class OpenSoraGenerationConfig:
   fps: int = 24
 
   def __post_init__(self):
-    for name in ("height", "width", "frames", "steps", "fps"):
-      if getattr(self, name) < 1:
-        raise GenerationError(f"{name}={getattr(self, name)} must be positive")
-    if not np.isfinite(self.guidance) or self.guidance < 0:
-      raise GenerationError(f"guidance={self.guidance} must be a finite number >= 0")
-    if self.shift is not None and not self.shift > 0:
-      raise GenerationError(f"shift={self.shift} must be positive")
+    check_sampling_fields(self, positive=("fps",))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -201,15 +197,8 @@ class OpenSoraPipeline:
     is accepted here.
     """
     cfg = self.defaults if cfg is None else cfg
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-      raise GenerationError("every prompt must be a non-empty string")
-    if method is not None:
-      raise GenerationError(f"{self.name}: the peer methods (--method) support Wan models only")
-    if devices not in (None, 1):
-      raise GenerationError(f"{self.name}: OpenSora runs on one device (devices={devices})")
-    if schedule is not None and len(schedule) != cfg.steps:
-      raise GenerationError(f"the schedule has {len(schedule)} steps, the request {cfg.steps}")
+    check_single_device(self.name, "OpenSora", method=method, devices=devices)
+    prompts = check_request(prompts, cfg.steps, schedule)
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
     aes = getattr(cfg, "aes", rflow.DEFAULT_AES)
@@ -233,12 +222,7 @@ class OpenSoraPipeline:
                                      num_frames=float(cfg.frames),
                                      condition_dtype=self.condition_dtype)
     state = scheduler.set_timesteps(cfg.steps)
-    if noise is None:
-      noise = jax.random.normal(jax.random.key(cfg.seed), (b, c, t, y, x), jnp.float32)
-    elif tuple(noise.shape) != (b, c, t, y, x):
-      raise GenerationError(f"noise of shape {tuple(noise.shape)} does not fit the request's "
-                            f"latents {(b, c, t, y, x)}")
-    noise = jnp.asarray(noise, jnp.float32)
+    noise = initial_noise(noise, (b, c, t, y, x), cfg.seed)
 
     cond_args = dict(fps=float(model_fps), height=float(cfg.height), width=float(cfg.width))
     if schedule is None:
@@ -252,8 +236,7 @@ class OpenSoraPipeline:
     start = time.perf_counter()
     video = jax.block_until_ready(self.decode(latents, cfg.frames))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
-    frames = np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5).astype(jnp.uint8))
-    frames = np.moveaxis(frames, 1, -1)  # [B, F, H, W, 3]
+    frames = to_frames(video)  # [B, F, H, W, 3]
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
                             self.num_tokens(cfg), schedule)
 

@@ -13,8 +13,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -23,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from astraea_jax import checkpoint
 from astraea_jax.models import t5 as t5_model
 from astraea_jax.models.umt5 import UMT5Config
 from checkpoints_convert import safetensors_io
-from checkpoints_convert.common import CheckpointError, atomic_output_dir, parse_dtype
+from checkpoints_convert.common import CheckpointError, encoder_main, save_converted
 from checkpoints_convert.umt5 import hf_to_wan_names, to_params
 
 __all__ = ["convert", "load_params", "main"]
@@ -44,7 +41,7 @@ def _find_folder(src: str) -> str:
   raise CheckpointError(f"{src}: not a transformers T5 folder (config.json + *.safetensors)")
 
 
-def load_params(src: str | os.PathLike, *, config: UMT5Config | str | None = None,
+def load_params(src: str | os.PathLike, config: UMT5Config | str | None = None, *,
                 dtype: str | np.dtype = "bfloat16") -> tuple[UMT5Config, dict[str, Any]]:
   """Reads a transformers T5 folder and returns `(config, params)` for `T5Encoder`."""
   src = os.fspath(src)
@@ -71,27 +68,14 @@ def load_params(src: str | os.PathLike, *, config: UMT5Config | str | None = Non
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
             config: UMT5Config | str | None = None, overwrite: bool = False) -> str:
   """Converts a T5 encoder to an `astraea_jax.checkpoint` directory (family "t5") at `out`."""
-  with atomic_output_dir(out, overwrite=overwrite) as tmp:
-    config, params = load_params(src, config=config, dtype=dtype)
-    checkpoint.save_params(tmp, params, family=t5_model.FAMILY,
-                           config=dataclasses.asdict(config),
-                           extra={"source": os.fspath(src), "dtype": str(parse_dtype(dtype))})
-  return os.fspath(out)
+  return save_converted(src, out, load_params,
+                        family=t5_model.FAMILY, config=config, dtype=dtype, overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m checkpoints_convert t5",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="transformers T5 folder (config.json + safetensors)")
-  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
-  parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
-  parser.add_argument("--preset", default=None, help="architecture preset instead of config.json")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-  args = parser.parse_args(argv)
-  path = convert(args.src, args.out, dtype=args.dtype, config=args.preset, overwrite=args.overwrite)
-  print(f"wrote {path}")
-  return 0
+  return encoder_main(
+      argv, convert, prog="python -m checkpoints_convert t5", description=__doc__.split("\n")[0],
+      src_help="transformers T5 folder (config.json + safetensors)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,11 +30,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint
 from astraea_jax.models.umt5 import PRESETS, UMT5Config, UMT5Encoder
 from checkpoints_convert import pth_io, safetensors_io
-from checkpoints_convert.common import (CheckpointError, ParamTree, atomic_output_dir,
-                                        check_all_used, format_keys, parse_dtype)
+from checkpoints_convert.common import (CheckpointError, ParamTree, check_all_used, encoder_main,
+                                        format_keys, parse_dtype, save_converted)
 
 __all__ = [
     "convert", "expected_params", "hf_to_wan_names", "infer_wan_config", "load_params",
@@ -221,7 +219,7 @@ def load_source(src: str | os.PathLike, *,
   return config or infer_wan_config(state), state
 
 
-def load_params(src: str | os.PathLike, *, config: UMT5Config | str | None = None,
+def load_params(src: str | os.PathLike, config: UMT5Config | str | None = None, *,
                 dtype: str | np.dtype = "bfloat16") -> tuple[UMT5Config, dict[str, Any]]:
   """Reads a checkpoint in either layout and returns `(config, params)` ready for `UMT5Encoder`."""
   config, state = load_source(src, config=config)
@@ -235,27 +233,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
   The `UMT5Config` fields are stored as the checkpoint's config (read back by
   `astraea_jax.models.umt5.load_encoder`); nothing is left at `out` if conversion fails.
   """
-  with atomic_output_dir(out, overwrite=overwrite) as tmp:
-    config, params = load_params(src, config=config, dtype=dtype)
-    checkpoint.save_params(tmp, params, family="umt5", config=dataclasses.asdict(config),
-                           extra={"source": os.fspath(src), "dtype": str(parse_dtype(dtype))})
-  return os.fspath(out)
+  return save_converted(src, out, load_params,
+                        family="umt5", config=config, dtype=dtype, overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m checkpoints_convert umt5",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="transformers text_encoder/ folder, diffusers Wan root, or Wan's .pth")
-  parser.add_argument("--out", required=True, help="output orbax checkpoint directory")
-  parser.add_argument("--dtype", default="bfloat16", help="bf16 / bfloat16, fp32 / float32, fp16")
-  parser.add_argument("--preset", default=None,
-                      help="architecture preset instead of the checkpoint's own")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-  args = parser.parse_args(argv)
-  path = convert(args.src, args.out, dtype=args.dtype, config=args.preset, overwrite=args.overwrite)
-  print(f"wrote {path}")
-  return 0
+  return encoder_main(
+      argv, convert, prog="python -m checkpoints_convert umt5", description=__doc__.split("\n")[0],
+      src_help="transformers text_encoder/ folder, diffusers Wan root, or Wan's .pth")
 
 
 if __name__ == "__main__":
