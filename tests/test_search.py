@@ -67,7 +67,8 @@ def test_space_conversions_and_impossible_budgets():
 
 def test_ask_tell_jit_keep_constraints_and_improve():
   space = BudgetSpace(num_steps=20, budget=0.4)
-  config = GAConfig(num_parents=12, num_offspring=8, num_generations=12)
+  # No step-caching seeds: the operators alone must find the toy optimum from random parents.
+  config = GAConfig(num_parents=12, num_offspring=8, num_generations=12, step_cache_seeds=0)
   algo = BudgetGA(space, config)
   params = algo.default_params
   target = jnp.asarray(np.r_[10, np.linspace(8, 1, 19).round()], jnp.float32)
@@ -95,7 +96,44 @@ def test_ask_tell_jit_keep_constraints_and_improve():
   assert hasattr(BudgetGA.ask, "lower") and hasattr(BudgetGA.tell, "lower")
 
 
+@pytest.mark.parametrize("steps,budget", [(20, 0.25), (20, 0.4), (50, 0.3), (8, 0.6), (4, 0.9)])
+def test_step_cache_seeds_are_feasible_whole_steps(steps, budget):
+  space = BudgetSpace(num_steps=steps, budget=budget)
+  _, hi = space.units_window
+  for exponent in (1.0, 1.5, 2.0, 3.0):
+    x = space.step_cache_levels(exponent)
+    assert bool(space.is_feasible(jnp.asarray(x))), (exponent, x)
+    assert x.sum() == hi
+    # Whole steps computed or skipped, apart from one step holding the remainder.
+    assert np.sum((x > 0) & (x < space.levels)) <= 1
+  even, early = space.step_cache_levels(1.0), space.step_cache_levels(3.0)
+  # A larger exponent crowds the computed steps toward the start.
+  full = space.levels
+  assert np.mean(np.flatnonzero(early == full)) <= np.mean(np.flatnonzero(even == full))
+  with pytest.raises(ValueError, match="exponent"):
+    space.step_cache_levels(0.0)
+
+
+def test_initial_population_holds_uniform_step_cache_and_random_members():
+  space = BudgetSpace(num_steps=20, budget=0.25)
+  parents = np.asarray(BudgetGA(space, GAConfig(num_parents=12, num_offspring=4)).initial_population(
+      jax.random.key(0)))
+  assert parents.shape == (12, 20) and np.all(np.asarray(space.is_feasible(parents)))
+  np.testing.assert_array_equal(parents[0], space.uniform_levels())
+  np.testing.assert_array_equal(parents[1], space.step_cache_levels(1.0))
+  np.testing.assert_array_equal(parents[8], space.step_cache_levels(3.0))
+  # Without seeds: uniform, then random members only.
+  plain = np.asarray(BudgetGA(space, GAConfig(num_parents=12, step_cache_seeds=0))
+                     .initial_population(jax.random.key(0)))
+  assert not any(np.array_equal(row, space.step_cache_levels(1.0)) for row in plain[1:])
+  # Fewer parents than seeds: the seeds are cut, the population keeps its size.
+  small = BudgetGA(space, GAConfig(num_parents=3)).initial_population(jax.random.key(0))
+  assert small.shape == (3, 20)
+
+
 def test_ga_config_validation():
+  with pytest.raises(ValueError, match="step_cache_seeds"):
+    GAConfig(step_cache_seeds=9)
   with pytest.raises(ValueError, match="num_parents=1"):
     GAConfig(num_parents=1)
   with pytest.raises(ValueError, match="mutation_start=1.5"):

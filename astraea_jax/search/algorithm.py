@@ -22,9 +22,10 @@ that works on the grid of `BudgetSpace`:
         counts as +inf.
 
 The paper does not state its selection scheme; tournaments and (mu + lambda) survival are the usual
-choices for a small elitist GA. The initial parents are random feasible schedules plus the grid
-member nearest to the uniform schedule of the target budget, so the search starts from the baseline
-it must beat.
+choices for a small elitist GA. The initial parents are the grid member nearest to the uniform
+schedule of the target budget (the baseline the search must beat), a few step-caching schedules
+(whole steps computed or skipped, front-loaded as adaptive step caches compute them), and random
+feasible schedules; crossover then mixes token budgets with skipped steps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from evosax.algorithms.population_based.base import (
     Params as BaseParams,
     PopulationBasedAlgorithm,
@@ -44,6 +46,9 @@ from flax import struct
 from astraea_jax.search.space import BudgetSpace
 
 __all__ = ["BudgetGA", "GAConfig", "GAParams", "GAState"]
+
+# Spacings of the step-caching seeds: even (1) to strongly front-loaded (3).
+_SEED_EXPONENTS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,9 @@ class GAConfig:
     mutation_start, mutation_end: per-step mutation probability at the first and last generation.
     block_crossover_prob: share of offspring made by block rather than uniform crossover.
     tournament_size: parents compared per tournament.
+    step_cache_seeds: initial parents that are step-caching schedules (theta in {0, 1}, see
+      `BudgetSpace.step_cache_levels`), at most 8; the composition of token budgets with whole-step
+      caching is then searched from both ends.
   """
 
   num_parents: int = 50
@@ -66,8 +74,13 @@ class GAConfig:
   mutation_end: float = 0.01
   block_crossover_prob: float = 0.5
   tournament_size: int = 2
+  step_cache_seeds: int = 8
 
   def __post_init__(self):
+    if (isinstance(self.step_cache_seeds, bool) or not isinstance(self.step_cache_seeds, int)
+        or not 0 <= self.step_cache_seeds <= len(_SEED_EXPONENTS)):
+      raise ValueError(f"step_cache_seeds={self.step_cache_seeds!r} must be an int in "
+                       f"[0, {len(_SEED_EXPONENTS)}]")
     for name in ("num_parents", "num_offspring", "num_generations", "tournament_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -125,9 +138,14 @@ class BudgetGA(PopulationBasedAlgorithm):
                     block_crossover_prob=c.block_crossover_prob)
 
   def initial_population(self, key: jax.Array) -> jax.Array:
-    """P feasible parents `[P, T_s]`: the near-uniform grid member first, then random ones."""
-    uniform = jnp.asarray(self.space.uniform_levels())[None]  # [1, T_s]
-    return jnp.concatenate([uniform, self.space.sample(key, self.num_parents - 1)], axis=0)
+    """P feasible parents `[P, T_s]`: the near-uniform grid member first, then up to
+    `step_cache_seeds` step-caching members (`BudgetSpace.step_cache_levels`), then random ones."""
+    uniform = self.space.uniform_levels()[None]  # [1, T_s]
+    num_seeds = min(self.config.step_cache_seeds, self.num_parents - 1)
+    seeds = np.array([self.space.step_cache_levels(e) for e in _SEED_EXPONENTS[:num_seeds]],
+                     np.float32).reshape(num_seeds, self.space.num_steps)  # [S, T_s]
+    rest = self.space.sample(key, self.num_parents - 1 - num_seeds)
+    return jnp.concatenate([jnp.asarray(uniform), jnp.asarray(seeds), rest], axis=0)
 
   def mutation_prob(self, generation: jax.Array, params: GAParams) -> jax.Array:
     """p_g: linear from `mutation_start` (generation 0) to `mutation_end` (the last, G - 1)."""

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="per-step mutation probability at the first generation")
   g.add_argument("--mutation-end", type=float, default=0.01,
                  help="per-step mutation probability at the last generation")
+  g.add_argument("--step-cache-seeds", type=int, default=8, metavar="N",
+                 help="initial parents that compute whole steps or skip them (theta 0 or 1, "
+                      "front-loaded like adaptive step caches), 0-8 (default 8); the rest are "
+                      "random, plus the uniform schedule")
   g = p.add_argument_group("execution")
   g.add_argument("--state", type=Path, default=None, metavar="FILE",
                  help="resumable state file (.npz): resumed from if present, updated every "
@@ -134,6 +138,8 @@ def _check_numbers(args) -> None:
   for name in ("mutation_start", "mutation_end"):
     if not 0.0 <= getattr(args, name) <= 1.0:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name):g} must lie in [0, 1]")
+  if not 0 <= args.step_cache_seeds <= 8:
+    raise ValueError(f"--step-cache-seeds {args.step_cache_seeds} must lie in [0, 8]")
   if args.steps is not None and args.steps < 2:
     raise ValueError(f"--steps {args.steps} must be at least 2 (step 0 is always dense)")
 
@@ -179,7 +185,7 @@ def run(argv: list[str] | None = None) -> int:
     prompts = calibration_prompts(args.num_prompts)
   ga = GAConfig(num_parents=args.population, num_offspring=args.offspring,
                 num_generations=args.generations, mutation_start=args.mutation_start,
-                mutation_end=args.mutation_end)
+                mutation_end=args.mutation_end, step_cache_seeds=args.step_cache_seeds)
 
   if args.compile_cache is not None:
     args.compile_cache.mkdir(parents=True, exist_ok=True)

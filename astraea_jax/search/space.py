@@ -151,6 +151,33 @@ class BudgetSpace:
       step = step - 1 if step > 1 else t - 1
     return x
 
+  def step_cache_levels(self, exponent: float) -> np.ndarray:
+    """A step-caching member of the space: n steps at theta = 1, the rest of the budget at the
+    last step, every other step at theta = 0 (a whole-step cache hit).
+
+    The computed steps sit at `round((T_s - 1) * (i / n) ** exponent)`, i = 0..n-1 (made strictly
+    increasing): exponent 1 spaces them evenly, larger exponents crowd them into the early,
+    high-noise steps, where step caches (TeaCache, EasyCache) also compute most. n and the remainder
+    come from the largest allowed sum of levels, so the member uses the whole window.
+    """
+    if not exponent > 0:
+      raise ValueError(f"{exponent=} must be positive")
+    _, hi = self.units_window
+    t, levels = self.num_steps, self.levels
+    n, rest = divmod(hi, levels)
+    n = min(n, t)
+    x = np.zeros((t,), np.float32)
+    previous = -1
+    for i in range(n):
+      # Leave room for the steps still to place after this one.
+      pos = min(max(round((t - 1) * (i / n) ** exponent), previous + 1), t - (n - i))
+      x[pos] = levels
+      previous = pos
+    if rest and n < t:
+      free = np.flatnonzero(x == 0)
+      x[free[-1]] = rest  # the last free step; with n < t there is one
+    return x
+
   # -- conversions -------------------------------------------------------------------------------
 
   def thetas(self, x) -> tuple[float, ...]:
