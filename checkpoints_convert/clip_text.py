@@ -167,8 +167,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return encoder_main(argv, convert, prog="python -m checkpoints_convert clip_text", description=__doc__.split("\n")[0],
-                      src_help="transformers CLIP folder, or a diffusers HunyuanVideo root (text_encoder_2/)")
+  return encoder_main(
+      argv, convert, prog="python -m checkpoints_convert clip_text",
+      description=__doc__.split("\n")[0],
+      src_help="transformers CLIP folder, or a diffusers HunyuanVideo root "
+               "(text_encoder_2/)")
 
 
 if __name__ == "__main__":

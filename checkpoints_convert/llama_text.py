@@ -157,8 +157,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return encoder_main(argv, convert, prog="python -m checkpoints_convert llama_text", description=__doc__.split("\n")[0],
-                      src_help="transformers Llama folder (config.json + safetensors) or a diffusers HunyuanVideo root with text_encoder/")
+  return encoder_main(
+      argv, convert, prog="python -m checkpoints_convert llama_text",
+      description=__doc__.split("\n")[0],
+      src_help="transformers Llama folder (config.json + safetensors) or a diffusers "
+               "HunyuanVideo root with text_encoder/")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
 
 def main(argv: Sequence[str] | None = None) -> int:
   return encoder_main(
-      argv, convert, prog="python -m checkpoints_convert t5", description=__doc__.split("\n")[0],
+      argv, convert, prog="python -m checkpoints_convert t5",
+      description=__doc__.split("\n")[0],
       src_help="transformers T5 folder (config.json + safetensors)")
 
 

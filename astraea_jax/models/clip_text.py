@@ -340,5 +340,5 @@ def load_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=Non
   return checkpoint.load_module(
       path,
       lambda c: CLIPTextModel(CLIPTextConfig(**c), dtype=dtype, param_dtype=param_dtype,
-                   rngs=nnx.Rngs(0)),
+                              rngs=nnx.Rngs(0)),
       family=FAMILY, shardings=shardings)

@@ -416,5 +416,5 @@ def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtyp
   return checkpoint.load_module(
       path,
       lambda c: LlamaTextModel(LlamaTextConfig(**c), dtype=dtype, param_dtype=param_dtype,
-                   rngs=nnx.Rngs(0)),
+                               rngs=nnx.Rngs(0)),
       family=FAMILY, shardings=shardings)

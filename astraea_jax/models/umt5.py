@@ -374,5 +374,5 @@ def load_encoder(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=Non
   return checkpoint.load_module(
       path,
       lambda c: UMT5Encoder(UMT5Config(**c), dtype=dtype, param_dtype=param_dtype,
-                   rngs=nnx.Rngs(0)),
+                            rngs=nnx.Rngs(0)),
       family="umt5", shardings=shardings)

@@ -164,8 +164,7 @@ class BudgetSpace:
       raise ValueError(f"{exponent=} must be positive")
     _, hi = self.units_window
     t, levels = self.num_steps, self.levels
-    n, rest = divmod(hi, levels)
-    n = min(n, t)
+    n, rest = divmod(hi, levels)  # hi <= levels * t, so a remainder leaves a free step
     x = np.zeros((t,), np.float32)
     previous = -1
     for i in range(n):
@@ -173,9 +172,8 @@ class BudgetSpace:
       pos = min(max(round((t - 1) * (i / n) ** exponent), previous + 1), t - (n - i))
       x[pos] = levels
       previous = pos
-    if rest and n < t:
-      free = np.flatnonzero(x == 0)
-      x[free[-1]] = rest  # the last free step; with n < t there is one
+    if rest:
+      x[np.flatnonzero(x == 0)[-1]] = rest  # the last free step
     return x
 
   # -- conversions -------------------------------------------------------------------------------
