@@ -267,15 +267,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
   x: `[B, S, H, D]`; cos, sin: `[S, D/2]` or `[B, S, D/2]` fp32. Computed in fp32, returned in x's
   dtype.
+
+  Written as `x * cos' + swap(x) * sin'` (cos repeated per pair, sin signed `(-sin, sin)`, `swap`
+  exchanging the two channels of each pair) rather than by stacking the two rotated halves: every
+  output element is then a function of a fixed pair of inputs, which XLA fuses into the q/k norm's
+  pass instead of running a separate concatenation over q and k. The same products and sums are
+  computed, so the result is unchanged.
   """
   b, s, h, d = x.shape
-  xf = x.astype(F32).reshape(b, s, h, d // 2, 2)
+  xf = x.astype(F32)
+  swapped = xf.reshape(b, s, h, d // 2, 2)[..., ::-1].reshape(b, s, h, d)  # (x[2i+1], x[2i])
   if cos.ndim == 2:
     cos, sin = cos[None], sin[None]
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, S, 1, D/2]
-  x1, x2 = xf[..., 0], xf[..., 1]
-  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-  return out.reshape(b, s, h, d).astype(x.dtype)
+  cos2 = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]  # [B, S, 1, D]
+  sin2 = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], d)[:, :, None, :]
+  return (xf * cos2 + swapped * sin2).astype(x.dtype)
 
 
 class WanAttention(nnx.Module):
