@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="skip the 'dense first, then theta' schedules")
   parser.add_argument("--schedule", type=Path, nargs="*", default=[],
                       help="also time these schedule JSON files (e.g. from python -m "
-                           "astraea_jax.search); a schedule of another step count is stretched "
-                           "to --steps (step i takes the theta of step floor(i * S / steps))")
+                           "astraea_jax.search); a schedule of another step count is resampled "
+                           "to --steps keeping its mean (BudgetSchedule.resample)")
   parser.add_argument("--selection", default="sort", choices=["sort", "radix"],
                       help="top-k method of the main runs; the selection-only probe times both")
   parser.add_argument("--delta-mode", default="sketch", choices=["sketch", "exact"])
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
       schedules[f"dense {args.dense_fraction:.0%} then {s.thetas[-1]:g} (mean {budget:g})"] = s
   for path in args.schedule:
     loaded = BudgetSchedule.load(path)
-    stretched = [loaded.thetas[i * len(loaded) // args.steps] for i in range(args.steps)]
-    schedules[f"{path.stem} (mean {loaded.mean:.2f})"] = BudgetSchedule(
-        tuple(stretched), name=loaded.name)
+    schedules[f"{path.stem} (mean {loaded.mean:.2f})"] = loaded.resample(args.steps)
   # Most telling first (the smallest budget), in case the time limit cuts the list short.
   sparse_ks = []
   for s in sorted(schedules.values(), key=lambda s: s.mean):

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from astraea_jax.acceleration.schedule import BudgetSchedule, num_selected_tokens
@@ -84,3 +85,25 @@ def test_invalid_thetas():
     BudgetSchedule.uniform(0, 0.5)
   with pytest.raises(ValueError, match="theta"):
     num_selected_tokens(1.2, 10)
+
+
+@pytest.mark.parametrize("src,steps", [(20, 50), (50, 20), (7, 30), (30, 7), (20, 20), (3, 1)])
+def test_resample_keeps_the_mean(src, steps):
+  rng = np.random.default_rng(src * 100 + steps)
+  thetas = np.where(rng.random(src) < 0.5, 1.0, rng.choice([0.0, 0.2, 0.7], src))
+  s = BudgetSchedule(tuple(thetas), name="x")
+  r = s.resample(steps)
+  assert len(r) == steps and r.name == "x"
+  assert r.mean == pytest.approx(s.mean, abs=1e-9)
+  assert all(0.0 <= t <= 1.0 for t in r.thetas)
+
+
+def test_resample_splits_straddling_steps_and_is_identity_at_the_same_length():
+  s = BudgetSchedule((1.0, 0.0))
+  assert s.resample(2).thetas == (1.0, 0.0)
+  assert s.resample(4).thetas == (1.0, 1.0, 0.0, 0.0)
+  # Three steps over two: the middle one straddles the boundary.
+  assert s.resample(3).thetas == (1.0, 0.5, 0.0)
+  assert BudgetSchedule((0.2, 0.4, 0.9)).resample(1).thetas == (0.5,)
+  with pytest.raises(ValueError):
+    s.resample(0)
