@@ -128,8 +128,8 @@ class BudgetSchedule:
     src = len(self.thetas)
     thetas = []
     for i in range(num_steps):
-      # In units of source steps: [i * src / num_steps, (i + 1) * src / num_steps), exact in integers.
-      lo, hi = i * src, (i + 1) * src  # scaled by num_steps
+      # Step i covers [lo, hi) in units of 1 / num_steps of a source step: integers, no rounding.
+      lo, hi = i * src, (i + 1) * src
       total = 0
       for j in range(lo // num_steps, -(-hi // num_steps)):
         overlap = min(hi, (j + 1) * num_steps) - max(lo, j * num_steps)
