@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="uniform token budget theta in [0, 1] (the first step is always dense)")
   m.add_argument("--schedule", type=Path, default=None, help="per-step budget schedule JSON")
   m.add_argument("--dense", action="store_true", help="no acceleration")
+  g.add_argument("--resample-schedule", action="store_true",
+                 help="with --schedule: apply a schedule made for another step count by resampling "
+                      "it to --steps, keeping its mean budget (e.g. a 20-step search on a 50-step "
+                      "run)")
   g.add_argument("--dense-first", type=float, default=0.0, metavar="FRACTION",
                  help="with --budget: run this fraction of the first steps dense (e.g. 0.2)")
   g.add_argument("--compare-dense", action="store_true",
@@ -315,8 +319,13 @@ def run(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
       raise ValueError(f"cannot read schedule {str(args.schedule)!r}: {e}") from None
     if len(schedule) != cfg.steps:
-      raise ValueError(f"schedule {str(args.schedule)!r} has {len(schedule)} steps; run with "
-                       f"--steps {len(schedule)} or search a schedule for {cfg.steps} steps")
+      if not args.resample_schedule:
+        raise ValueError(f"schedule {str(args.schedule)!r} has {len(schedule)} steps; run with "
+                         f"--steps {len(schedule)}, add --resample-schedule, or search a schedule "
+                         f"for {cfg.steps} steps")
+      print(f"resampled schedule {str(args.schedule)!r} from {len(schedule)} to {cfg.steps} steps "
+            f"(mean budget {schedule.mean:.3f} kept)", file=sys.stderr)
+      schedule = schedule.resample(cfg.steps)
   else:
     theta = DEFAULT_BUDGET if args.budget is None else args.budget
     if not 0.0 <= args.dense_first < 1.0:

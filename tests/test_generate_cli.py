@@ -34,6 +34,19 @@ def test_prompt_file_batch_and_schedule(tmp_path):
   assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["b_000.mp4", "b_001.mp4"]
 
 
+def test_schedule_of_another_step_count_needs_resample_flag(tmp_path):
+  (tmp_path / "s.json").write_text(json.dumps(
+      {"format": "astraea-budget-schedule", "version": 1, "name": "t", "thetas": [1.0, 0.0, 0.5]}))
+  r = _run(tmp_path, "--steps", "4", "--schedule", "s.json", "--out", "a.mp4", "--no-gif")
+  assert r.returncode == 1 and "--resample-schedule" in r.stderr.splitlines()[-1]
+  assert not list(tmp_path.glob("*.mp4"))
+  r = _run(tmp_path, "--steps", "4", "--schedule", "s.json", "--resample-schedule", "--out",
+           "a.mp4", "--no-gif")
+  assert r.returncode == 0, r.stderr
+  assert "from 3 to 4 steps (mean budget 0.500 kept)" in r.stderr
+  assert (tmp_path / "a.mp4").stat().st_size > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "60x64"], "multiple of"),
     (["--frames", "0"], "frames=0"),
