@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from benchutil import RESULTS as _RESULTS, device_slug  # noqa: E402  (script dir)
+from benchutil import RESULTS as _RESULTS, device_slug, parse_tuning  # noqa: E402  (script dir)
 
 
 
@@ -175,9 +175,7 @@ def attention_impls(args):
 
   impls["mosaic_gpu"] = (ours("mosaic_gpu"), True)
   for spec in args.tunings:
-    bq, bkv, stages, *sched = (int(x) for x in spec.split(","))
-    tuning = pk.AttentionTuning(block_q=bq, block_kv=bkv, stages=stages,
-                                schedule_barrier=bool(sched[0]) if sched else False)
+    tuning = parse_tuning(spec)
     impls[f"mosaic_gpu[{spec}]"] = (ours("mosaic_gpu", tuning), True)
   if not args.skip_chunked:
     impls["chunked"] = (ours("chunked", pk.AttentionTuning(q_chunk=2048, kv_chunk=4096)), True)
@@ -354,7 +352,7 @@ def main(argv=None) -> int:
                       help="also time theta = 1 at Nk = 32,768 beside jax's Mosaic GPU example")
   parser.add_argument("--tunings", nargs="*", default=[],
                       help="extra Mosaic GPU tunings 'block_q,block_kv,stages[,schedule_barrier "
-                      "0/1]'; first theta only")
+                      "0/1[,compute_registers]]'; first theta only")
   parser.add_argument("--sweep", nargs="*", default=[],
                       help="names of extra tunings ('mosaic_gpu[spec]') to time at every theta")
   parser.add_argument("--out", type=Path, default=_RESULTS)

@@ -21,6 +21,19 @@ def device_slug() -> str:
   return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
 
+def parse_tuning(spec: str):
+  """`AttentionTuning` from 'block_q,block_kv,stages[,schedule_barrier 0/1[,compute_registers]]'."""
+  import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
+
+  bq, bkv, stages, *rest = (int(x) for x in spec.split(","))
+  kwargs = {}
+  if rest:
+    kwargs["schedule_barrier"] = bool(rest[0])
+  if len(rest) > 1:
+    kwargs["compute_registers"] = rest[1]
+  return pk.AttentionTuning(block_q=bq, block_kv=bkv, stages=stages, **kwargs)
+
+
 def init_on_device(make):
   """`(graphdef, state)` of the module `make()` builds, its random parameters initialised on the
   device (no host copy of the weights)."""

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pallas_kernels
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
-from benchutil import RESULTS as _RESULTS, build_state, device_slug  # noqa: E402  (script dir)
-
-
+from benchutil import (RESULTS as _RESULTS, build_state, device_slug,  # noqa: E402  (script dir)
+                       parse_tuning)
 
 
 
@@ -73,12 +73,8 @@ def peak_gib() -> float | None:
 
 def available_attention() -> list[str]:
   impls = ["cudnn"] if jax.default_backend() == "gpu" else ["xla"]
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-    if hasattr(pallas_kernels, "selected_query_attention") and jax.default_backend() == "gpu":
-      impls.append("pallas")
-  except ImportError:
-    pass
+  if jax.default_backend() == "gpu":
+    impls.append("pallas")
   return impls
 
 
@@ -102,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="time one self-attention call at N and at N rounded up to 128")
   parser.add_argument("--compare-unfused", action="store_true",
                       help="also time each attention with `fuse_projections=False`")
+  parser.add_argument("--attention-tuning", nargs="*", default=[], metavar="SPEC",
+                      help="also run the pallas attention with these kernel tunings in place of the "
+                      "default preset: 'block_q,block_kv,stages[,schedule_barrier[,registers]]'")
   parser.add_argument("--out", default=None,
                       help="JSON path (default results/dense_forward-<device>.json)")
   args = parser.parse_args(argv)
@@ -120,9 +119,14 @@ def main(argv: list[str] | None = None) -> int:
   results = []
   graphdef, state = build_state(base)
   param_gib = sum(a.nbytes for a in jax.tree_util.tree_leaves(state)) / 2**30
-  variants = [(impl, fuse) for impl in impls
+  variants = [(impl, fuse, None) for impl in impls
               for fuse in ((True, False) if args.compare_unfused else (base.fuse_projections,))]
-  for impl, fuse in variants:
+  variants += [("pallas", base.fuse_projections, spec) for spec in args.attention_tuning]
+  default_tuning = pallas_kernels.TUNING_PRESETS["default"]
+  for impl, fuse, spec in variants:
+    # The model takes the kernel's default preset; a swept tuning stands in for it while traced.
+    pallas_kernels.TUNING_PRESETS["default"] = parse_tuning(spec) if spec else default_tuning
+    label = f"{impl}[{spec}]" if spec else impl
     cfg = dataclasses.replace(base, attention_impl=impl, fuse_projections=fuse)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda cfg=cfg: WanTransformer3DModel(cfg,
                                                                                rngs=nnx.Rngs(0))))
@@ -142,18 +146,19 @@ def main(argv: list[str] | None = None) -> int:
       except Exception as e:  # pylint: disable=broad-except
         # One failing implementation must not cost the other measurements of this call.
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        print(f"{impl} B={b} failed: {msg}", flush=True)
-        results.append({"attention": impl, "fused": fuse, "batch": b, "error": msg})
+        print(f"{label} B={b} failed: {msg}", flush=True)
+        results.append({"attention": label, "fused": fuse, "batch": b, "error": msg})
         continue
       out = forward(state, latents, timestep, context)
       finite = bool(jnp.isfinite(out).all())
       med = statistics.median(times)
-      row = {"attention": impl, "fused": fuse, "batch": b, "median_ms": med, "min_ms": min(times),
+      row = {"attention": label, "fused": fuse, "batch": b, "median_ms": med, "min_ms": min(times),
              "runs_ms": times, "compile_s": compile_s, "peak_gib": peak_gib(),
              "tflops": flops(base, b, n, m) / (med * 1e-3) / 1e12, "finite": finite}
       results.append(row)
       print(json.dumps({k: v for k, v in row.items() if k != "runs_ms"}), flush=True)
       del latents, context, out
+  pallas_kernels.TUNING_PRESETS["default"] = default_tuning
 
   breakdown = {}
   if args.breakdown:

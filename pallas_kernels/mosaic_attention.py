@@ -60,11 +60,26 @@ _LN2 = math.log(2.0)
 _M_INIT = -1e30
 _MAX_HEAD_DIM = 256
 _SMEM_BYTES = 232448  # Hopper's per-block limit
-_SMEM_OVERHEAD = 4096  # barriers, alignment and scratch: about 2.7 KB measured on an H100
+# Barriers, alignment and Mosaic GPU's own scratch: block_kv 192 with a separate 512-byte LSE buffer
+# was 88-120 bytes over the limit on an H100, which puts it at about 2.7 KB.
+_SMEM_OVERHEAD = 2816
 
 
 def _padded_head_dim(head_dim: int) -> int:
   return -(-head_dim // 64) * 64
+
+
+def _smem_bytes(head_dim: int, tuning: AttentionTuning, *, lse_in_smem: bool) -> int:
+  d = _padded_head_dim(head_dim)
+  tiles = 2 * (tuning.block_q * d + 2 * tuning.stages * tuning.block_kv * d)
+  return tiles + (4 * tuning.block_q if lse_in_smem else 0) + _SMEM_OVERHEAD
+
+
+def _lse_in_smem(head_dim: int, tuning: AttentionTuning) -> bool:
+  """Stage the LSE in shared memory (one bulk copy per warpgroup) where it fits; the largest tiles
+  (block_kv 192, or 3 stages of 128, at D = 128) leave no room for its 512 bytes, and there each
+  thread stores its rows' LSE to global memory directly."""
+  return _smem_bytes(head_dim, tuning, lse_in_smem=True) <= _SMEM_BYTES
 
 
 def check_mosaic_gpu_inputs(dtype, head_dim: int, tuning: AttentionTuning) -> None:
@@ -75,8 +90,7 @@ def check_mosaic_gpu_inputs(dtype, head_dim: int, tuning: AttentionTuning) -> No
   d = _padded_head_dim(head_dim)
   if d > _MAX_HEAD_DIM:
     raise ValueError(f"the Mosaic GPU kernel takes head dims up to {_MAX_HEAD_DIM}, got {head_dim}")
-  smem = (2 * (tuning.block_q * d + 2 * tuning.stages * tuning.block_kv * d) + 4 * tuning.block_q
-          + _SMEM_OVERHEAD)
+  smem = _smem_bytes(head_dim, tuning, lse_in_smem=False)
   if smem > _SMEM_BYTES:
     raise ValueError(f"{tuning=} needs {smem} bytes of shared memory at head dim {d}, more than "
                      f"{_SMEM_BYTES}; lower block_kv or stages")
@@ -154,12 +168,16 @@ def _kernel_body(q_ref, k_ref, v_ref, kv_len_ref, tile_idx_ref, tile_count_ref, 
     # A row with no valid key (kv_len = 0, or an empty tile list) has l = 0: output 0, LSE -inf.
     has_keys = l > 0.0
     inv_l = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
+    lse = jnp.where(has_keys, m * _LN2 + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
     q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-    lse_smem.at[wg][...] = jnp.where(has_keys, m * _LN2 + jnp.log(jnp.where(has_keys, l, 1.0)),
-                                     -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
+    if lse_smem is None:
+      lse_ref.at[b, h, pl.ds(row0, bq)][...] = lse
+    else:
+      lse_smem.at[wg][...] = lse
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
     plgpu.wait_smem_to_gmem(0)
 
   def init_stats():
@@ -176,7 +194,7 @@ def _kernel_body(q_ref, k_ref, v_ref, kv_len_ref, tile_idx_ref, tile_count_ref, 
       wait K_j, V_{j-1}; issue S = Q K_j^T, O += P_{j-1} V_{j-1}; wait for S only;
       softmax(S) -> P_j, alpha_j; wait for O; O *= alpha_j.
     """
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(tuning.compute_registers, action="increase")
     q_smem = qo_smem.at[wg]
     row0 = q_tile * tuning.block_q + wg * bq
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem, q_ready.at[wg])
@@ -292,7 +310,7 @@ def _kernel_body(q_ref, k_ref, v_ref, kv_len_ref, tile_idx_ref, tile_count_ref, 
 
   @pl.when(wg == 2)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(tuning.memory_registers, action="decrease")
 
     def load(step, slot):
       rows = (b, pl.ds(tile_of(step) * bkv, bkv), h)
@@ -382,7 +400,7 @@ def mosaic_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: flo
       plgpu.SMEM((2, bq, d), dtype, transforms=transforms),  # q, then the output
       plgpu.SMEM((tuning.stages, bkv, d), dtype, transforms=transforms),  # k ring
       plgpu.SMEM((tuning.stages, bkv, d), dtype, transforms=transforms),  # v ring
-      plgpu.SMEM((2, bq), jnp.float32),  # lse
+      plgpu.SMEM((2, bq), jnp.float32) if _lse_in_smem(d, tuning) else None,  # lse
       plgpu.SMEM((2, bq, bkv), dtype) if interpret is not None else None,  # P, interpreter only
       plgpu.SMEM((2, bq, d), jnp.float32) if interpret is not None else None,  # O, interpreter
   )

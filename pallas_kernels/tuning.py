@@ -23,6 +23,9 @@ class AttentionTuning:
     schedule_barrier: make the two compute warpgroups take turns on the tensor cores
       (FlashAttention-3 ping-pong scheduling). Off by default: on an H100 with the kernel's
       intra-warpgroup overlap it measured 3-4% slower at theta = 1 (benchmarks/NOTES-attention.md).
+    compute_registers: registers per thread of the two compute warpgroups (`setmaxnreg`); the
+      memory warpgroup gets what is left of the 64K-register file, at most 40. The score tile
+      `[block_q // 2, block_kv]` float32 alone takes `block_kv // 2` of them.
     q_chunk, kv_chunk: query rows and keys per step of the chunked pure-JAX path; its largest
       temporary is `[B, H, q_chunk, kv_chunk]` float32.
   """
@@ -31,6 +34,7 @@ class AttentionTuning:
   block_kv: int = 128
   stages: int = 2
   schedule_barrier: bool = False
+  compute_registers: int = 232
   q_chunk: int = 1024
   kv_chunk: int = 1024
 
@@ -42,10 +46,17 @@ class AttentionTuning:
       raise ValueError(f"{self.block_kv=} must be a positive multiple of 64")
     if self.stages < 2:
       raise ValueError(f"{self.stages=} must be at least 2")
+    if not (24 <= self.compute_registers <= 240 and self.compute_registers % 8 == 0):
+      raise ValueError(f"{self.compute_registers=} must be a multiple of 8 in [24, 240]")
     if self.q_chunk < 1:
       raise ValueError(f"{self.q_chunk=} must be positive")
     if self.kv_chunk < 1:
       raise ValueError(f"{self.kv_chunk=} must be positive")
+
+  @property
+  def memory_registers(self) -> int:
+    """Registers per thread of the memory warpgroup: the rest of the 64K-register file, at most 40."""
+    return min(40, (65536 - 256 * self.compute_registers) // 128 // 8 * 8)
 
   @property
   def rows_per_warpgroup(self) -> int:

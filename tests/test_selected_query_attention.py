@@ -131,6 +131,24 @@ def test_mosaic_gpu_without_schedule_barrier():
   assert not races_found()
 
 
+@pytest.mark.parametrize("tuning", [
+    pk.AttentionTuning(block_kv=192, compute_registers=240),
+    pk.AttentionTuning(block_kv=128, stages=3),
+], ids=["bkv192", "stages3"])
+def test_mosaic_gpu_large_tiles(tuning):
+  """The tiles that fill Hopper's shared memory at D = 128 (the LSE then bypasses shared memory):
+  several full key steps, a ragged masked last step, two query tiles, B = 2."""
+  b, nq, nk, h, d, dtype = 2, 200, 2 * tuning.block_kv * tuning.stages + 37, 1, 128, jnp.bfloat16
+  q, k, v = inputs(f"large{tuning.block_kv}{tuning.stages}", b, nq, nk, h, d, dtype)
+  pk.mosaic_attention.check_mosaic_gpu_inputs(dtype, d, tuning)  # fits in shared memory
+  poison_device(q.size * 4 * 8)
+  out, lse = pk.selected_query_attention(q, k, v, kv_len=jnp.asarray([nk, nk - 100]),
+                                         implementation="mosaic_gpu", tuning=tuning,
+                                         interpret=interpret_params())
+  check_close(out, lse, *numpy_attention(q, k, v, d ** -0.5, [nk, nk - 100]), dtype)
+  assert not races_found()
+
+
 @pytest.mark.parametrize("b,nq,nk,h,d,dtype,kv_len", CASES + [
     pytest.param(2, 45, 97, 2, 40, jnp.float32, [97, 3], id="fp32-odd_d"),
 ])
@@ -194,3 +212,8 @@ def test_bad_inputs_raise():
     f(q3, k3, v3, implementation="mosaic_gpu", interpret=True)
   with pytest.raises(ValueError, match="multiple of 128"):
     pk.AttentionTuning(block_q=64)
+  with pytest.raises(ValueError, match="compute_registers"):
+    pk.AttentionTuning(compute_registers=236)
+  with pytest.raises(ValueError, match="shared memory"):
+    pk.mosaic_attention.check_mosaic_gpu_inputs(jnp.bfloat16, 128,
+                                                pk.AttentionTuning(block_kv=256))
