@@ -112,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="uniform token budget theta in [0, 1] (the first step is always dense)")
   m.add_argument("--schedule", type=Path, default=None, help="per-step budget schedule JSON")
   m.add_argument("--dense", action="store_true", help="no acceleration")
-  g.add_argument("--resample-schedule", action="store_true",
-                 help="with --schedule: apply a schedule made for another step count by resampling "
-                      "it to --steps, keeping its mean budget (e.g. a 20-step search on a 50-step "
-                      "run)")
+  g.add_argument("--resample-schedule", nargs="?", const="repeat", default=None,
+                 choices=("repeat", "average"), metavar="MODE",  # BudgetSchedule.RESAMPLE_MODES
+                 help="with --schedule: apply a schedule made for another step count (e.g. a "
+                      "20-step search on a 50-step run) by resampling it to --steps. MODE 'repeat' "
+                      "(default) repeats each step's budget, keeping whole and skipped steps as "
+                      "they are; 'average' keeps the mean exactly and may split steps")
   g.add_argument("--dense-first", type=float, default=0.0, metavar="FRACTION",
                  help="with --budget: run this fraction of the first steps dense (e.g. 0.2)")
   g.add_argument("--compare-dense", action="store_true",
@@ -323,9 +325,11 @@ def run(argv: list[str] | None = None) -> int:
         raise ValueError(f"schedule {str(args.schedule)!r} has {len(schedule)} steps; run with "
                          f"--steps {len(schedule)}, add --resample-schedule, or search a schedule "
                          f"for {cfg.steps} steps")
+      resampled = schedule.resample(cfg.steps, mode=args.resample_schedule)
       print(f"resampled schedule {str(args.schedule)!r} from {len(schedule)} to {cfg.steps} steps "
-            f"(mean budget {schedule.mean:.3f} kept)", file=sys.stderr)
-      schedule = schedule.resample(cfg.steps)
+            f"({args.resample_schedule}): mean budget {schedule.mean:.3f} -> {resampled.mean:.3f}",
+            file=sys.stderr)
+      schedule = resampled
   else:
     theta = DEFAULT_BUDGET if args.budget is None else args.budget
     if not 0.0 <= args.dense_first < 1.0:

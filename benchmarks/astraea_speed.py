@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--schedule", type=Path, nargs="*", default=[],
                       help="also time these schedule JSON files (e.g. from python -m "
                            "astraea_jax.search); a schedule of another step count is resampled "
-                           "to --steps keeping its mean (BudgetSchedule.resample)")
+                           "to --steps (BudgetSchedule.resample, --resample)")
+  parser.add_argument("--resample", default="repeat", choices=["repeat", "average"],
+                      help="how --schedule files are resampled to --steps (default: repeat)")
   parser.add_argument("--selection", default="sort", choices=["sort", "radix"],
                       help="top-k method of the main runs; the selection-only probe times both")
   parser.add_argument("--delta-mode", default="sketch", choices=["sketch", "exact"])
@@ -161,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
       s = BudgetSchedule.dense_then_mean(args.steps, budget, dense_fraction=args.dense_fraction)
       schedules[f"dense {args.dense_fraction:.0%} then {s.thetas[-1]:g} (mean {budget:g})"] = s
   for path in args.schedule:
-    loaded = BudgetSchedule.load(path)
-    schedules[f"{path.stem} (mean {loaded.mean:.2f})"] = loaded.resample(args.steps)
+    loaded = BudgetSchedule.load(path).resample(args.steps, mode=args.resample)
+    schedules[f"{path.stem} (mean {loaded.mean:.3f})"] = loaded
   # Most telling first (the smallest budget), in case the time limit cuts the list short.
   sparse_ks = []
   for s in sorted(schedules.values(), key=lambda s: s.mean):

@@ -43,8 +43,13 @@ def test_schedule_of_another_step_count_needs_resample_flag(tmp_path):
   r = _run(tmp_path, "--steps", "4", "--schedule", "s.json", "--resample-schedule", "--out",
            "a.mp4", "--no-gif")
   assert r.returncode == 0, r.stderr
-  assert "from 3 to 4 steps (mean budget 0.500 kept)" in r.stderr
+  assert "from 3 to 4 steps (repeat): mean budget 0.500 -> 0.500" in r.stderr
   assert (tmp_path / "a.mp4").stat().st_size > 0
+  r = _run(tmp_path, "--steps", "4", "--schedule", "s.json", "--resample-schedule", "average",
+           "--out", "c.mp4", "--no-gif")
+  assert r.returncode == 0, r.stderr
+  assert "from 3 to 4 steps (average): mean budget 0.500 -> 0.500" in r.stderr
+  assert (tmp_path / "c.mp4").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -92,18 +92,60 @@ def test_resample_keeps_the_mean(src, steps):
   rng = np.random.default_rng(src * 100 + steps)
   thetas = np.where(rng.random(src) < 0.5, 1.0, rng.choice([0.0, 0.2, 0.7], src))
   s = BudgetSchedule(tuple(thetas), name="x")
-  r = s.resample(steps)
+  r = s.resample(steps, mode="average")
   assert len(r) == steps and r.name == "x"
   assert r.mean == pytest.approx(s.mean, abs=1e-9)
   assert all(0.0 <= t <= 1.0 for t in r.thetas)
 
 
+@pytest.mark.parametrize("src,steps", [(20, 50), (50, 20), (7, 30), (30, 7), (20, 20), (3, 1),
+                                       (20, 40)])
+def test_resample_repeat_runs_only_source_thetas_in_order(src, steps):
+  rng = np.random.default_rng(src * 100 + steps)
+  thetas = np.where(rng.random(src) < 0.5, 1.0, rng.choice([0.0, 0.2, 0.7], src))
+  s = BudgetSchedule(tuple(thetas), name="x")
+  r = s.resample(steps)  # the default mode
+  assert len(r) == steps and r.name == "x"
+  # Each source step appears floor(r) or ceil(r) times, in order: compare runs of equal values.
+  def runs(values):
+    out = []
+    for v in values:
+      if out and out[-1][0] == v:
+        out[-1][1] += 1
+      else:
+        out.append([v, 1])
+    return out
+
+  lo, hi = steps // src, -(-steps // src)
+  got = runs(r.thetas)
+  want = [(v, n) for v, n in runs(thetas.tolist()) if hi * n > 0]
+  if lo == 0:  # dropping steps may merge runs; only check the values that remain
+    assert set(r.thetas) <= set(thetas.tolist())
+  else:
+    assert [v for v, _ in got] == [v for v, _ in want]
+    assert all(lo * n <= m <= hi * n for (_, m), (_, n) in zip(got, want))
+  assert abs(r.mean - s.mean) <= max(thetas) / steps + 1e-9
+  if steps % src == 0:
+    assert r.thetas == tuple(t for t in thetas for _ in range(steps // src))
+
+
+def test_resample_repeat_keeps_a_step_caching_schedule_whole():
+  # The 20-step seeded search result at 50 steps: 20 whole steps and 3 steps at 0.2.
+  s = BudgetSchedule((1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0.2))
+  r = s.resample(50)
+  assert r.thetas.count(1.0) == 20 and r.thetas.count(0.2) == 3 and r.thetas.count(0.0) == 27
+  assert r.mean == pytest.approx(0.412)
+  assert s.resample(50, mode="average").mean == pytest.approx(0.41)
+  with pytest.raises(ValueError, match="mode"):
+    s.resample(50, mode="nearest")
+
+
 def test_resample_splits_straddling_steps_and_is_identity_at_the_same_length():
   s = BudgetSchedule((1.0, 0.0))
-  assert s.resample(2).thetas == (1.0, 0.0)
-  assert s.resample(4).thetas == (1.0, 1.0, 0.0, 0.0)
+  assert s.resample(2, mode="average").thetas == (1.0, 0.0)
+  assert s.resample(4, mode="average").thetas == (1.0, 1.0, 0.0, 0.0)
   # Three steps over two: the middle one straddles the boundary.
-  assert s.resample(3).thetas == (1.0, 0.5, 0.0)
-  assert BudgetSchedule((0.2, 0.4, 0.9)).resample(1).thetas == (0.5,)
+  assert s.resample(3, mode="average").thetas == (1.0, 0.5, 0.0)
+  assert BudgetSchedule((0.2, 0.4, 0.9)).resample(1, mode="average").thetas == (0.5,)
   with pytest.raises(ValueError):
     s.resample(0)

@@ -115,27 +115,42 @@ class BudgetSchedule:
       theta = math.floor(theta / quantum + 1e-9) * quantum
     return cls.dense_then(num_steps, round(theta, 12), dense_steps=dense_steps)
 
-  def resample(self, num_steps: int) -> BudgetSchedule:
-    """The same schedule over `num_steps` steps, keeping its total budget (the mean of theta).
+  RESAMPLE_MODES = ("repeat", "average")
 
-    The schedule is read as a step function of the fraction of the denoising run, and step i of the
-    result gets its average over `[i / num_steps, (i + 1) / num_steps)`: a searched 20-step schedule
-    applied to a 50-step run spends the same fraction of the tokens, and a new step that straddles
-    a computed and a skipped step of the original computes half the tokens. (Picking the nearest
-    original step instead can move the mean far: 0.41 -> 0.37 for a 20-step schedule of whole steps.)
+  def resample(self, num_steps: int, mode: str = "repeat") -> BudgetSchedule:
+    """The same schedule over `num_steps` steps (e.g. a 20-step search applied to a 50-step run).
+
+    mode="repeat" (default): every source step is repeated `floor(r)` or `ceil(r)` times, `r =
+      num_steps / len(self)`, so each new step runs a theta the source ran (a whole step stays
+      whole, a skipped one skipped). The longer runs go to evenly spaced source steps, then move,
+      one at a time, to wherever brings the mean closest to the source's. Where r is not an
+      integer the mean can move a little (0.41 -> 0.412 for a 20-step schedule at 50 steps).
+    mode="average": the schedule is read as a step function of the fraction of the run, and new
+      step i gets its average over `[i / num_steps, (i + 1) / num_steps)`: the mean is kept
+      exactly, and a new step that straddles a computed and a skipped source step computes half
+      the tokens (a partial step, which costs more than half a step's time).
+
+    (Picking the nearest source step instead can move the mean far: 0.41 -> 0.37 for a 20-step
+    schedule of whole steps at 50 steps.)
     """
     _check_steps(num_steps)
+    if mode not in self.RESAMPLE_MODES:
+      raise ValueError(f"unknown resample {mode=}; choose from {self.RESAMPLE_MODES}")
     src = len(self.thetas)
-    thetas = []
-    for i in range(num_steps):
-      # Step i covers [lo, hi) in units of 1 / num_steps of a source step: integers, no rounding.
-      lo, hi = i * src, (i + 1) * src
-      total = 0
-      for j in range(lo // num_steps, -(-hi // num_steps)):
-        overlap = min(hi, (j + 1) * num_steps) - max(lo, j * num_steps)
-        total += overlap * self.thetas[j]
-      thetas.append(min(1.0, round(total / src, 12)))
-    return BudgetSchedule(tuple(thetas), name=self.name)
+    if mode == "average":
+      thetas = []
+      for i in range(num_steps):
+        # Step i covers [lo, hi) in units of 1 / num_steps of a source step: integers, no rounding.
+        lo, hi = i * src, (i + 1) * src
+        total = 0
+        for j in range(lo // num_steps, -(-hi // num_steps)):
+          overlap = min(hi, (j + 1) * num_steps) - max(lo, j * num_steps)
+          total += overlap * self.thetas[j]
+        thetas.append(min(1.0, round(total / src, 12)))
+      return BudgetSchedule(tuple(thetas), name=self.name)
+    counts = _repeat_counts(self.thetas, num_steps)
+    thetas = tuple(t for t, c in zip(self.thetas, counts) for _ in range(c))
+    return BudgetSchedule(thetas, name=self.name)
 
   # -- queries -----------------------------------------------------------------------------------
 
@@ -210,3 +225,31 @@ class BudgetSchedule:
 def _check_steps(num_steps: int) -> None:
   if num_steps < 1:
     raise ValueError(f"{num_steps=} must be positive")
+
+
+def _repeat_counts(thetas: Sequence[float], num_steps: int) -> list[int]:
+  """How often `BudgetSchedule.resample(mode="repeat")` repeats each source step (sums to
+  `num_steps`): evenly spaced extra repeats, then single moves of one extra repeat that bring the
+  mean closest to the source's, the nearest move first among equals."""
+  src = len(thetas)
+  base = num_steps // src
+  counts = [(j + 1) * num_steps // src - j * num_steps // src for j in range(src)]
+  target = sum(thetas) * num_steps / src
+  error = sum(c * t for c, t in zip(counts, thetas)) - target
+  while True:
+    best = None  # (|new error|, distance, a, b): move an extra repeat from step a to step b
+    for a in range(src):
+      if counts[a] == base:
+        continue
+      for b in range(src):
+        if counts[b] != base:
+          continue
+        key = (abs(error - thetas[a] + thetas[b]), abs(a - b), a, b)
+        if best is None or key < best:
+          best = key
+    if best is None or best[0] >= abs(error) - 1e-9:
+      return counts
+    _, _, a, b = best
+    counts[a] -= 1
+    counts[b] += 1
+    error += thetas[b] - thetas[a]
