@@ -194,7 +194,7 @@ def _kernel_body(q_ref, k_ref, v_ref, kv_len_ref, tile_idx_ref, tile_count_ref, 
       wait K_j, V_{j-1}; issue S = Q K_j^T, O += P_{j-1} V_{j-1}; wait for S only;
       softmax(S) -> P_j, alpha_j; wait for O; O *= alpha_j.
     """
-    plgpu.set_max_registers(tuning.compute_registers, action="increase")
+    plgpu.set_max_registers(tuning.registers, action="increase")
     q_smem = qo_smem.at[wg]
     row0 = q_tile * tuning.block_q + wg * bq
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem, q_ready.at[wg])

@@ -24,17 +24,18 @@ class AttentionTuning:
       (FlashAttention-3 ping-pong scheduling). Off by default: on an H100 with the kernel's
       intra-warpgroup overlap it measured 3-4% slower at theta = 1 (benchmarks/NOTES-attention.md).
     compute_registers: registers per thread of the two compute warpgroups (`setmaxnreg`); the
-      memory warpgroup gets what is left of the 64K-register file, at most 40. The score tile
-      `[block_q // 2, block_kv]` float32 alone takes `block_kv // 2` of them.
+      memory warpgroup gets what is left (`memory_registers`). The score tile
+      `[block_q // 2, block_kv]` float32 alone takes `block_kv // 2` of them. None: 240 for
+      block_kv >= 192, else 232 (`registers`).
     q_chunk, kv_chunk: query rows and keys per step of the chunked pure-JAX path; its largest
       temporary is `[B, H, q_chunk, kv_chunk]` float32.
   """
 
   block_q: int = 128
-  block_kv: int = 128
+  block_kv: int = 192
   stages: int = 2
   schedule_barrier: bool = False
-  compute_registers: int = 232
+  compute_registers: int | None = None
   q_chunk: int = 1024
   kv_chunk: int = 1024
 
@@ -46,7 +47,8 @@ class AttentionTuning:
       raise ValueError(f"{self.block_kv=} must be a positive multiple of 64")
     if self.stages < 2:
       raise ValueError(f"{self.stages=} must be at least 2")
-    if not (24 <= self.compute_registers <= 240 and self.compute_registers % 8 == 0):
+    if self.compute_registers is not None and not (
+        24 <= self.compute_registers <= 240 and self.compute_registers % 8 == 0):
       raise ValueError(f"{self.compute_registers=} must be a multiple of 8 in [24, 240]")
     if self.q_chunk < 1:
       raise ValueError(f"{self.q_chunk=} must be positive")
@@ -54,9 +56,18 @@ class AttentionTuning:
       raise ValueError(f"{self.kv_chunk=} must be positive")
 
   @property
+  def registers(self) -> int:
+    """Registers per thread of each compute warpgroup (`compute_registers`, or its default)."""
+    if self.compute_registers is not None:
+      return self.compute_registers
+    return 240 if self.block_kv >= 192 else 232
+
+  @property
   def memory_registers(self) -> int:
-    """Registers per thread of the memory warpgroup: the rest of the 64K-register file, at most 40."""
-    return min(40, (65536 - 256 * self.compute_registers) // 128 // 8 * 8)
+    """Registers per thread of the memory warpgroup: at most 40, and the three warpgroups together
+    at most 64,512 (as FlashAttention-3's 240 + 240 + 24). `setmaxnreg` waits until the registers
+    it asks for are free, so asking for the whole 65,536-register file hangs the kernel on an H200."""
+    return min(40, (64512 - 256 * self.registers) // 128 // 8 * 8)
 
   @property
   def rows_per_warpgroup(self) -> int:
@@ -64,8 +75,11 @@ class AttentionTuning:
 
 
 TUNING_PRESETS: dict[str, AttentionTuning] = {
-    # Hopper, bf16, head dim <= 128: FlashAttention-3's forward tile (64 rows per warpgroup, 128
-    # keys).
+    # Hopper, bf16, head dim <= 128: 64 rows per warpgroup and 192 keys per step (FlashAttention-3
+    # takes 176 for non-causal D = 128; Mosaic GPU needs multiples of 64), with 240 registers per
+    # compute thread, or the 96-register score tile spills. On an H200 at the Wan 1.3B shape: 10.28
+    # ms against 10.41 ms for 128 keys at 232 registers, 11.41 ms for 192 keys at 232
+    # (benchmarks/results/attention-tunings-nvidia-h200.json).
     "default": AttentionTuning(),
     # Head dim 256 leaves room for only 64-key tiles in shared memory.
     "wide_head": AttentionTuning(block_kv=64),

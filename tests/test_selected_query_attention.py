@@ -217,3 +217,14 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="shared memory"):
     pk.mosaic_attention.check_mosaic_gpu_inputs(jnp.bfloat16, 128,
                                                 pk.AttentionTuning(block_kv=256))
+
+
+def test_register_split_fits_the_register_file():
+  """`setmaxnreg` waits for registers that are free: asking for all 65,536 hangs the kernel."""
+  for tuning in (pk.AttentionTuning(), pk.AttentionTuning(block_kv=128), TINY,
+                 pk.AttentionTuning(block_kv=192, compute_registers=232),
+                 *pk.TUNING_PRESETS.values()):
+    assert 256 * tuning.registers + 128 * tuning.memory_registers <= 64512
+    assert tuning.memory_registers >= 24
+  assert pk.AttentionTuning().registers == 240  # the 96-register score tile of 192 keys
+  assert pk.AttentionTuning(block_kv=128).registers == 232
