@@ -100,13 +100,18 @@ def settings(steps: int, quick: bool) -> list[Setting]:
   out = [Setting("astraea", f"astraea {b:g}", schedule=uniform(b)) for b in (0.7, 0.5, 0.4, 0.3)]
   for path in SEARCHED:
     schedule = BudgetSchedule.load(path)
+    budget = path.stem.rsplit("_", 1)[-1]
     if len(schedule) == steps:
-      budget = path.stem.rsplit("_", 1)[-1]
       label = f"astraea searched {budget} (theta=0 steps skipped)"
       out.append(Setting("astraea", label, schedule=schedule))
       # Joint: the schedule's theta = 0 steps are skipped steps; EasyCache may skip more.
       out.append(Setting("easycache+astraea", f"easycache 0.05 + astraea searched {budget}",
                          EasyCacheConfig(0.05), schedule))
+    else:
+      # Searched for another step count: run it the ways `generate --resample-schedule` can.
+      for mode in BudgetSchedule.RESAMPLE_MODES:
+        label = f"astraea searched {budget}, {len(schedule)} steps resampled ({mode})"
+        out.append(Setting("astraea", label, schedule=schedule.resample(steps, mode=mode)))
   out += [Setting("teacache", f"teacache {t:g}", TeaCacheConfig(t)) for t in (0.05, 0.1, 0.2, 0.3)]
   out += [Setting("easycache", f"easycache {t:g}", EasyCacheConfig(t))
           for t in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
@@ -382,6 +387,8 @@ def main(argv=None) -> int:
   p.add_argument("--resume-from", type=Path, default=None,
                  help="a results JSON of the same model, steps and seeds: its rows and step times "
                       "are kept, only the settings it lacks are run (e.g. a newly searched schedule)")
+  p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                 help="run only the settings whose label contains one of these texts")
   p.add_argument("--plot-from", type=Path, default=None,
                  help="only draw the plot of an existing results JSON (beside it, .png)")
   args = p.parse_args(argv)
@@ -396,6 +403,8 @@ def main(argv=None) -> int:
   prompts = list(PROMPTS[:2] if args.quick else PROMPTS)
   seeds = args.seeds or ([0] if args.quick else [0, 1])
   points = settings(steps, args.quick)
+  if args.only:
+    points = [s for s in points if any(text in s.label for text in args.only)]
   done = {"runs": [], "timing": {"ms": {}}}
   if args.resume_from is not None:
     done = json.loads(args.resume_from.read_text())
