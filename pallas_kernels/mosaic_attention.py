@@ -170,13 +170,13 @@ def _kernel_body(q_ref, k_ref, v_ref, kv_len_ref, tile_idx_ref, tile_count_ref, 
     inv_l = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
     lse = jnp.where(has_keys, m * _LN2 + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
     q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-    plgpu.commit_smem()
+    if lse_smem is not None:
+      lse_smem.at[wg][...] = lse
+    plgpu.commit_smem()  # one fence for both tiles
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(row0, bq), h])
     if lse_smem is None:
       lse_ref.at[b, h, pl.ds(row0, bq)][...] = lse
     else:
-      lse_smem.at[wg][...] = lse
-      plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
     plgpu.wait_smem_to_gmem(0)
 

@@ -136,21 +136,11 @@ class BudgetSchedule:
     _check_steps(num_steps)
     if mode not in self.RESAMPLE_MODES:
       raise ValueError(f"unknown resample {mode=}; choose from {self.RESAMPLE_MODES}")
-    src = len(self.thetas)
     if mode == "average":
-      thetas = []
-      for i in range(num_steps):
-        # Step i covers [lo, hi) in units of 1 / num_steps of a source step: integers, no rounding.
-        lo, hi = i * src, (i + 1) * src
-        total = 0
-        for j in range(lo // num_steps, -(-hi // num_steps)):
-          overlap = min(hi, (j + 1) * num_steps) - max(lo, j * num_steps)
-          total += overlap * self.thetas[j]
-        thetas.append(min(1.0, round(total / src, 12)))
-      return BudgetSchedule(tuple(thetas), name=self.name)
+      return BudgetSchedule(_averaged(self.thetas, num_steps), name=self.name)
     counts = _repeat_counts(self.thetas, num_steps)
-    thetas = tuple(t for t, c in zip(self.thetas, counts) for _ in range(c))
-    return BudgetSchedule(thetas, name=self.name)
+    return BudgetSchedule(tuple(t for t, c in zip(self.thetas, counts) for _ in range(c)),
+                          name=self.name)
 
   # -- queries -----------------------------------------------------------------------------------
 
@@ -225,6 +215,19 @@ class BudgetSchedule:
 def _check_steps(num_steps: int) -> None:
   if num_steps < 1:
     raise ValueError(f"{num_steps=} must be positive")
+
+
+def _averaged(thetas: Sequence[float], num_steps: int) -> tuple[float, ...]:
+  """`BudgetSchedule.resample(mode="average")`: new step i averages the source over its span."""
+  src = len(thetas)
+  out = []
+  for i in range(num_steps):
+    # Step i covers [lo, hi) in units of 1 / num_steps of a source step: integers, no rounding.
+    lo, hi = i * src, (i + 1) * src
+    total = sum((min(hi, (j + 1) * num_steps) - max(lo, j * num_steps)) * thetas[j]
+                for j in range(lo // num_steps, -(-hi // num_steps)))
+    out.append(min(1.0, round(total / src, 12)))
+  return tuple(out)
 
 
 def _repeat_counts(thetas: Sequence[float], num_steps: int) -> list[int]:
