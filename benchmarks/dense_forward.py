@@ -3,8 +3,9 @@
 Default: the full-size `wan2.1-t2v-1.3b` preset in bf16 at 480p x 81 frames (latents
 [B, 16, 21, 60, 104] -> 32,760 tokens, 512 text tokens of dim 4096), batch 1 and batch 2 (the CFG
 pair), for every available attention implementation. Weights are initialised directly on the device
-under jit. Each case is compiled, warmed up, then timed `--runs` times (`block_until_ready`); the
-median is reported with the peak device memory (`memory_stats()['peak_bytes_in_use']`).
+under jit. Each case is compiled, warmed up, then timed `--runs` times (`block_until_ready`; with
+`--chain K` each run is K forwards dispatched back to back, as in a sampling loop); the median is
+reported with the peak device memory (`memory_stats()['peak_bytes_in_use']`).
 
 With `--breakdown`, the batch-1 forward is also timed with attention replaced by a no-op and the 30
 self-attention calls alone, to tell where the time goes.
@@ -50,8 +51,12 @@ def flops(config: WanConfig, batch: int, n: int, m: int) -> float:
   return float(batch * layers * per_layer)
 
 
-def time_fn(fn, args, runs: int, warmup: int) -> tuple[list[float], float]:
-  """Compiles `fn`, warms it up and returns per-run milliseconds and the compile seconds."""
+def time_fn(fn, args, runs: int, warmup: int, chain: int = 1) -> tuple[list[float], float]:
+  """Compiles `fn`, warms it up and returns per-run milliseconds and the compile seconds.
+
+  Each run dispatches `chain` calls back to back and waits once, as a sampling loop does (no host
+  sync between steps), and records the time per call.
+  """
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   compile_s = time.perf_counter() - start
@@ -60,8 +65,10 @@ def time_fn(fn, args, runs: int, warmup: int) -> tuple[list[float], float]:
   times = []
   for _ in range(runs):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    outs = [fn(*args) for _ in range(chain)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - start) * 1e3 / chain)
+    del outs
   return times, compile_s
 
 
@@ -88,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--text-tokens", type=int, default=512)
   parser.add_argument("--runs", type=int, default=7)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--chain", type=int, default=1,
+                      help="forwards per timed run, dispatched back to back as in a sampling loop "
+                      "(one sync per run); the time per forward is reported")
   parser.add_argument("--attention", nargs="+", default=None,
                       help="attention implementations (default: all available)")
   parser.add_argument("--breakdown", action="store_true",
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                             jnp.bfloat16)
       try:
         times, compile_s = time_fn(forward, (state, latents, timestep, context), args.runs,
-                                   args.warmup)
+                                   args.warmup, args.chain)
       except Exception as e:  # pylint: disable=broad-except
         # One failing implementation must not cost the other measurements of this call.
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
       out = forward(state, latents, timestep, context)
       finite = bool(jnp.isfinite(out).all())
       med = statistics.median(times)
-      row = {"attention": label, "fused": fuse, "batch": b, "median_ms": med, "min_ms": min(times),
+      row = {"attention": label, "fused": fuse, "batch": b, "chain": args.chain,
+             "median_ms": med, "min_ms": min(times),
              "runs_ms": times, "compile_s": compile_s, "peak_gib": peak_gib(),
              "tflops": flops(base, b, n, m) / (med * 1e-3) / 1e12, "finite": finite}
       results.append(row)

@@ -15,7 +15,7 @@ from pallas_kernels.attention import (
     selected_query_attention,
     selected_query_attention_reference,
 )
-from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning
+from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning, default_tuning
 
 __all__ = [
     "BLOCK_SPARSE_IMPLEMENTATIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "default_implementation",
+    "default_tuning",
     "selected_query_attention",
     "selected_query_attention_reference",
 ]

@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.chunked import chunked_attention, chunked_block_sparse_attention
 from pallas_kernels.mosaic_attention import check_mosaic_gpu_inputs, mosaic_gpu_attention
 from pallas_kernels.reference import attention_reference, block_sparse_reference
-from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning
+from pallas_kernels.tuning import AttentionTuning, default_tuning
 
 __all__ = [
     "BLOCK_SPARSE_IMPLEMENTATIONS",
@@ -204,10 +204,6 @@ def _lookup(registry, implementation, dtype, interpret):
     raise ValueError(f"unknown {implementation=}; choose from {sorted(registry)}") from None
 
 
-def _default_tuning(head_dim: int) -> AttentionTuning:
-  return TUNING_PRESETS["default" if head_dim <= 128 else "wide_head"]
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -226,7 +222,7 @@ def selected_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     kv_len: number of valid keys: an int, or a `[B]` integer array (one length per batch row,
       clipped into [0, Nk]). Keys at index >= kv_len are ignored. None means all Nk.
     implementation: a key of `IMPLEMENTATIONS`; None picks `default_implementation(q.dtype)`.
-    tuning: tile sizes; None picks the preset for the head dim.
+    tuning: tile sizes; None picks `default_tuning(D, Nk)`.
     interpret: run the Mosaic GPU kernel in GPU interpret mode (True, or `InterpretGPUParams`).
 
   Returns:
@@ -240,7 +236,7 @@ def selected_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   scale, kv_len = _validate(q, k, v, scale, kv_len)
   fn = _lookup(IMPLEMENTATIONS, implementation, q.dtype, interpret)
-  tuning = tuning or _default_tuning(q.shape[-1])
+  tuning = tuning or default_tuning(q.shape[-1], k.shape[1])
   return fn(q, k, v, scale=scale, kv_len=kv_len, tuning=tuning, interpret=interpret)
 
 
@@ -305,7 +301,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_tile_ind
   tile_indices, tile_counts = _validate_layout(q, k, kv_tile_indices, kv_tile_counts, block_q,
                                                block_kv)
   fn = _lookup(BLOCK_SPARSE_IMPLEMENTATIONS, implementation, q.dtype, interpret)
-  tuning = tuning or _default_tuning(q.shape[-1])
+  tuning = tuning or default_tuning(q.shape[-1], k.shape[1])
   return fn(q, k, v, tile_indices, tile_counts, scale=scale, kv_len=kv_len, block_q=block_q,
             block_kv=block_kv, tuning=tuning, interpret=interpret)
 

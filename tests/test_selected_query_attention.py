@@ -219,6 +219,20 @@ def test_bad_inputs_raise():
                                                 pk.AttentionTuning(block_kv=256))
 
 
+def test_default_tuning_by_key_count():
+  """192-key tiles for long key sequences, 128-key tiles where they pad much less (512 text keys),
+  64-key tiles at head dim 256; each preset fits the kernel's shared memory."""
+  presets = pk.TUNING_PRESETS
+  assert pk.default_tuning(128, 32760) is presets["default"]  # 32,832 vs 32,768 padded
+  assert pk.default_tuning(128, 512) is presets["short_keys"]  # 576 vs 512
+  assert pk.default_tuning(128, 256) is presets["short_keys"]
+  assert pk.default_tuning(128, 300) is presets["default"]  # 384 either way, in fewer steps
+  assert pk.default_tuning(64, 4099) is presets["default"]
+  assert pk.default_tuning(256, 512) is presets["wide_head"]
+  for d, nk in ((128, 32760), (128, 512), (256, 512)):
+    pk.mosaic_attention.check_mosaic_gpu_inputs(jnp.bfloat16, d, pk.default_tuning(d, nk))
+
+
 def test_register_split_fits_the_register_file():
   """`setmaxnreg` waits for registers that are free: asking for all 65,536 hangs the kernel."""
   for tuning in (pk.AttentionTuning(), pk.AttentionTuning(block_kv=128), TINY,

@@ -169,6 +169,28 @@ def test_rope_interleaved_pairs_and_split():
   np.testing.assert_allclose(out[..., 1::2], x0 * s + x1 * c, rtol=1e-6)
 
 
+def test_norm_with_rope_equals_norm_then_rope():
+  """The one-pass RMSNorm + RoPE of q and k equals the norm followed by `apply_rope`, for the
+  dense tables `[S, D/2]` and the selected rows' `[B, S, D/2]`; in bf16 it differs only by the
+  norm's rounding, which it skips."""
+  attn = _block(_tiny(), 0).attn1
+  norm, heads = attn.norm_q, attn.heads
+  norm.scale[...] = jax.random.uniform(jax.random.key(1), norm.scale.shape, minval=0.5, maxval=2)
+  x = jax.random.normal(jax.random.key(2), (2, 5, 24)) * 3.0
+  angles = jax.random.uniform(jax.random.key(3), (2, 5, 24 // heads // 2), maxval=6.0)
+  for cos, sin in ((jnp.cos(angles[0]), jnp.sin(angles[0])), (jnp.cos(angles), jnp.sin(angles))):
+    want = wan.apply_rope(norm(x).reshape(2, 5, heads, -1), cos, sin)
+    got = norm.with_rope(x, cos, sin, heads)
+    assert got.shape == (2, 5, heads, 24 // heads)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    xb = x.astype(jnp.bfloat16)
+    want = wan.apply_rope(norm(xb).reshape(2, 5, heads, -1), cos, sin)
+    got = norm.with_rope(xb, cos, sin, heads)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_presets_have_the_real_sizes():
   def count(name):
     model = nnx.eval_shape(lambda: wan.WanTransformer3DModel(wan.WanConfig.preset(name),
@@ -231,7 +253,7 @@ def test_fused_projections_equal_separate_ones():
   args = _inputs(fused)
   np.testing.assert_allclose(np.asarray(_jit_call(fused, *args)),
                              np.asarray(_jit_call(separate, *args)), rtol=1e-5, atol=1e-5)
-  # The selected-rows path fuses only k and v; its rows still equal the dense ones.
+  # The selected-rows path projects k and v separately; its rows still equal the dense ones.
   block, h = _block(fused, 0), jax.random.normal(jax.random.key(3), (1, 6, 24))
   q, k, v = block.attn1.project_qkv(h)
   k2, v2 = block.attn1.project_kv(h)

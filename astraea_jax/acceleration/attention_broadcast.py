@@ -30,7 +30,7 @@ from flax import nnx
 from astraea_jax.acceleration.astraea import _layer_params, _num_layers, _set_layer
 from astraea_jax.acceleration.method_stats import StepRecord
 from astraea_jax.models import attention as attention_lib
-from astraea_jax.models.wan import apply_rope, layer_norm
+from astraea_jax.models.wan import layer_norm
 
 __all__ = ["PABConfig", "PABStepModel", "pab_forward", "pab_step_program"]
 
@@ -79,9 +79,7 @@ def _block(block, x, cond, attn_cached, cross_cached, *, compute_self, compute_c
   shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i:i + 1] for i in range(6))
   if compute_self:
     h = (layer_norm(x, block.eps) * (1 + scale) + shift).astype(dt)  # [B, N, C]
-    q, k, v = block.attn1.project_qkv(h)  # [B, N, H, D]
-    q = apply_rope(q, cond.rope_cos, cond.rope_sin)
-    k = apply_rope(k, cond.rope_cos, cond.rope_sin)
+    q, k, v = block.attn1.project_qkv(h, (cond.rope_cos, cond.rope_sin))  # [B, N, H, D]
     o = attention_lib.attention(q, k, v, implementation=block.attn_impl)
     attn = block.attn1.output(o.astype(dt))  # [B, N, C]
   else:

@@ -37,6 +37,7 @@ from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.config_io import PresetConfig
 
 F32 = jnp.float32
+Rope = tuple[jax.Array, jax.Array]  # cos, sin tables: [S, D/2] or [B, S, D/2] fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class WanConfig(PresetConfig):
   `param_dtype` is the storage dtype of the large weights (fp32 is kept for the time embedding, the
   modulation tables and the norm scales); `dtype` is the compute dtype; `attention_impl` is passed
   to `astraea_jax.models.attention.attention` (None: its default for the platform);
-  `fuse_projections` runs self-attention's q/k/v (or k/v) projections as one matmul on the
+  `fuse_projections` runs self-attention's q and k projections as one matmul on the
   concatenated weights (the parameters stay separate, as in the checkpoints).
   """
   patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -172,6 +173,28 @@ class RMSNorm(nnx.Module):
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...]).astype(x.dtype)
 
+  def with_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array, heads: int) -> jax.Array:
+    """`apply_rope(self(x) split into heads, cos, sin)` in one pass after the row statistic.
+
+    x: `[B, S, C]`; cos, sin: `[S, D/2]` or `[B, S, D/2]` fp32 -> `[B, S, H, D]` in x's dtype.
+
+    The rotation's partner channels are read from x itself (`swap(x) * r * swap(scale)`, with the
+    row factor r shared by a pair), so the normalised q or k is never written out: XLA otherwise
+    stores it in fp32 between a normalisation kernel and a RoPE kernel (three passes over q and
+    three over k per block, ~10 ms of the 1.3B forward on an H200). The norm's output is not rounded
+    to x's dtype before the rotation, as XLA on the GPU already computed it (excess precision); in
+    fp32 the result equals the unfused one.
+    """
+    b, s, c = x.shape
+    d = c // heads
+    xf = x.astype(F32)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)  # [B, S, 1]
+    w = self.scale[...]
+    n = (xf * r * w).reshape(b, s, heads, d)
+    n_swapped = (_swap_pairs(xf) * r * _swap_pairs(w)).reshape(b, s, heads, d)
+    cos2, sin2 = _rope_factors(cos, sin, d)
+    return (n * cos2 + n_swapped * sin2).astype(x.dtype)
+
 
 def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -180,8 +203,9 @@ def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.L
 def _fused_linear(x: jax.Array, layers: tuple[nnx.Linear, ...]) -> tuple[jax.Array, ...]:
   """`tuple(layer(x) for layer in layers)` as one matmul on the concatenated weights.
 
-  One `[S, C] x [C, 3C]` product keeps the tensor cores busier than three `[S, C] x [C, C]` ones
-  (and reads x once); concatenating the weights costs a few microseconds per block.
+  One `[S, C] x [C, 2C]` product reads x once; concatenating the weights costs a few microseconds
+  per block. Only for outputs that their consumers read in place (q and k go to their norms): a
+  slice handed to a custom call (the attention kernel) is copied.
   """
   dt = layers[0].dtype
   w = jnp.concatenate([layer.kernel[...].astype(dt) for layer in layers], axis=1)  # [C, sum(out)]
@@ -262,6 +286,21 @@ def rope_tables(config: WanConfig, grid: tuple[int, int, int]) -> tuple[jax.Arra
   return expand(cos), expand(sin)
 
 
+def _swap_pairs(x: jax.Array) -> jax.Array:
+  """`(x[2i+1], x[2i])` for each channel pair of the last axis."""
+  return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
+
+
+def _rope_factors(cos: jax.Array, sin: jax.Array, d: int) -> tuple[jax.Array, jax.Array]:
+  """`[S, D/2]` or `[B, S, D/2]` tables -> `[B or 1, S, 1, D]` factors `cos'`, `sin'` with
+  `rope(x) = x * cos' + swap_pairs(x) * sin'`."""
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  cos2 = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]  # [B, S, 1, D]
+  sin2 = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], d)[:, :, None, :]
+  return cos2, sin2
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates interleaved channel pairs `(x[2i], x[2i+1])` by the angle whose cos/sin are given.
 
@@ -274,14 +313,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   output by concatenation (a separate pass over q and k, 7.3 ms per 1.3B forward on an H200). The
   same products and sums are computed, so the result is unchanged.
   """
-  b, s, h, d = x.shape
   xf = x.astype(F32)
-  swapped = xf.reshape(b, s, h, d // 2, 2)[..., ::-1].reshape(b, s, h, d)  # (x[2i+1], x[2i])
-  if cos.ndim == 2:
-    cos, sin = cos[None], sin[None]
-  cos2 = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]  # [B, S, 1, D]
-  sin2 = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], d)[:, :, None, :]
-  return (xf * cos2 + swapped * sin2).astype(x.dtype)
+  cos2, sin2 = _rope_factors(cos, sin, x.shape[-1])
+  return (xf * cos2 + _swap_pairs(xf) * sin2).astype(x.dtype)
 
 
 class WanAttention(nnx.Module):
@@ -305,23 +339,34 @@ class WanAttention(nnx.Module):
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:2], self.heads, -1)  # [B, S, C] -> [B, S, H, D]
 
-  def project_q(self, x: jax.Array) -> jax.Array:
-    q = self.to_q(x)
-    return self._heads(self.norm_q(q) if self.norm_q is not None else q)
+  def _norm(self, norm: RMSNorm | None, x: jax.Array, rope: Rope | None) -> jax.Array:
+    """Optional RMSNorm, split into heads, optional RoPE: `[B, S, C] -> [B, S, H, D]`."""
+    if norm is not None and rope is not None:
+      return norm.with_rope(x, *rope, self.heads)
+    x = self._heads(norm(x) if norm is not None else x)
+    return apply_rope(x, *rope) if rope is not None else x
 
-  def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    k, v = _fused_linear(x, (self.to_k, self.to_v)) if self.fuse else (self.to_k(x), self.to_v(x))
-    k = self.norm_k(k) if self.norm_k is not None else k
-    return self._heads(k), self._heads(v)
+  def project_q(self, x: jax.Array, rope: Rope | None = None) -> jax.Array:
+    """q `[B, S, H, D]`, normalised and, given `rope = (cos, sin)` tables, rotated."""
+    return self._norm(self.norm_q, self.to_q(x), rope)
 
-  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(project_q(x), *project_kv(x))`, the three projections as one matmul when fused."""
+  def project_kv(self, x: jax.Array, rope: Rope | None = None) -> tuple[jax.Array, jax.Array]:
+    """k (normalised, rotated by `rope` if given) and v, `[B, N, H, D]` each.
+
+    Two matmuls rather than one on the concatenated weights: v as a slice of a fused product
+    would be copied out for the attention kernel (a pass over v per block), while k's slice is
+    read by its normalisation directly.
+    """
+    return self._norm(self.norm_k, self.to_k(x), rope), self._heads(self.to_v(x))
+
+  def project_qkv(self, x: jax.Array, rope: Rope | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(project_q(x, rope), *project_kv(x, rope))`, q and k as one matmul when fused."""
     if not self.fuse:
-      return (self.project_q(x), *self.project_kv(x))
-    q, k, v = _fused_linear(x, (self.to_q, self.to_k, self.to_v))
-    if self.norm_q is not None:
-      q, k = self.norm_q(q), self.norm_k(k)
-    return self._heads(q), self._heads(k), self._heads(v)
+      return (self.project_q(x, rope), *self.project_kv(x, rope))
+    q, k = _fused_linear(x, (self.to_q, self.to_k))
+    v = self.to_v(x)
+    return self._norm(self.norm_q, q, rope), self._norm(self.norm_k, k, rope), self._heads(v)
 
   def output(self, o: jax.Array) -> jax.Array:
     return self.to_out(o.reshape(*o.shape[:2], -1))  # [B, S, H, D] -> [B, S, C]
@@ -388,17 +433,15 @@ class WanTransformerBlock(nnx.Module):
 
     # Keys and values come from every row; queries and everything after only from the selected ones.
     h = (layer_norm(x, self.eps) * (1 + scale) + shift).astype(dt)  # [B, N, C]
+    rope = (cond.rope_cos, cond.rope_sin)
     if select is None:
-      x_s, cos, sin = x, cond.rope_cos, cond.rope_sin
-      q, k, v = self.attn1.project_qkv(h)  # [B, N, H, D]
+      x_s = x
+      q, k, v = self.attn1.project_qkv(h, rope)  # [B, N, H, D], q and k rotated
     else:
       select = select.astype(jnp.int32)
       x_s, h_s = _take_rows(x, select), _take_rows(h, select)  # [B, S, C]
-      cos, sin = cond.rope_cos[select], cond.rope_sin[select]  # [B, S, D/2]
-      k, v = self.attn1.project_kv(h)  # [B, N, H, D]
-      q = self.attn1.project_q(h_s)  # [B, S, H, D]
-    k = apply_rope(k, cond.rope_cos, cond.rope_sin)
-    q = apply_rope(q, cos, sin)
+      k, v = self.attn1.project_kv(h, rope)  # [B, N, H, D]
+      q = self.attn1.project_q(h_s, (cond.rope_cos[select], cond.rope_sin[select]))  # [B, S, H, D]
     if attention_fn is not None:
       res = attention_fn(q, k, v, return_lse=return_lse)
       o, lse = res if return_lse else (res, None)
