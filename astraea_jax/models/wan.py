@@ -385,8 +385,29 @@ class FeedForward(nnx.Module):
     self.proj_in = _linear(c, f, dtype=cd, param_dtype=pd, rngs=rngs)
     self.proj_out = _linear(f, c, dtype=cd, param_dtype=pd, rngs=rngs)
 
+  def hidden(self, x: jax.Array) -> jax.Array:
+    """GELU(proj_in(x)), `[B, S, C] -> [B, S, F]`."""
+    return _gelu_tanh(self.proj_in(x))
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj_out(_gelu_tanh(self.proj_in(x)))
+    return self.proj_out(self.hidden(x))
+
+
+def _gated_residual(x: jax.Array, inp: jax.Array, linear: nnx.Linear, gate: jax.Array) -> jax.Array:
+  """`x + linear(inp) * gate`, the gated residual of a Wan block, as `x + inp @ (W * gate) + b * gate`.
+
+  x `[B, S, C]` (compute dtype), inp `[B, S, K]`, gate `[B, 1, C]` fp32 -> `[B, S, C]` in x's dtype.
+
+  The gate is folded into a per-row copy of the weights (`[B, K, C]`, a few MB), so that the
+  residual add goes into the matmul's epilogue instead of a separate pass over `[B, S, C]`: 4.5 ms of
+  the 1.3B forward at batch 1 on an H200 (two passes per block; at batch 2 the batched product
+  measured the same as before). In fp32 it equals the unfused form up to rounding; in bf16 the result
+  is rounded once instead of twice, and the folded weights once more.
+  """
+  dt = x.dtype
+  w = (linear.kernel[...].astype(F32)[None] * gate).astype(dt)  # [B, K, C]
+  b = (linear.bias[...].astype(F32) * gate).astype(dt)  # [B, 1, C]
+  return x + (jnp.einsum("bsk,bkc->bsc", inp.astype(dt), w) + b)
 
 
 def _take_rows(x: jax.Array, select: jax.Array) -> jax.Array:
@@ -450,15 +471,13 @@ class WanTransformerBlock(nnx.Module):
       o, lse = attention_lib.attention_with_lse(q, k, v)
     else:
       o, lse = attention_lib.attention(q, k, v, implementation=self.attn_impl), None
-    attn = self.attn1.output(o.astype(dt))  # [B, S, C]
-    x_s = (x_s.astype(F32) + attn.astype(F32) * gate).astype(dt)
+    x_s = _gated_residual(x_s, o.astype(dt).reshape(*o.shape[:2], -1), self.attn1.to_out, gate)
 
     h_s = self.norm2(x_s.astype(F32)).astype(dt) if self.norm2 is not None else x_s
     x_s = x_s + self.attn2(h_s, cond.context).astype(dt)
 
     h_s = (layer_norm(x_s, self.eps) * (1 + c_scale) + c_shift).astype(dt)
-    ff = self.ffn(h_s)
-    out = (x_s.astype(F32) + ff.astype(F32) * c_gate).astype(dt)
+    out = _gated_residual(x_s, self.ffn.hidden(h_s), self.ffn.proj_out, c_gate)
     if return_lse:
       return out, lse.astype(F32)
     return out
