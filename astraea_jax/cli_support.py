@@ -49,13 +49,14 @@ def load_model(name: str):
 def run_main(run: Callable[[list[str] | None], int], argv: list[str] | None, *,
              interrupted: str = "interrupted") -> int:
   """Calls `run(argv)`; bad input becomes one `error:` line and exit 1, Ctrl-C exit 130."""
+  from astraea_jax.parallel.distributed import PeerProcessError  # pylint: disable=import-outside-toplevel
   from astraea_jax.pipeline import GenerationError  # pylint: disable=import-outside-toplevel
   from astraea_jax.pipelines import ModelLoadError  # pylint: disable=import-outside-toplevel
   from astraea_jax.video import OutputError  # pylint: disable=import-outside-toplevel
 
   try:
     return run(argv)
-  except (GenerationError, ModelLoadError, OutputError, ValueError, OSError) as e:
+  except (GenerationError, ModelLoadError, OutputError, PeerProcessError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:

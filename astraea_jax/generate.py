@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--schedule", type=Path, default=None, help="per-step budget schedule JSON")
   m.add_argument("--dense", action="store_true", help="no acceleration")
   g.add_argument("--resample-schedule", nargs="?", const="repeat", default=None,
-                 choices=("repeat", "average"), metavar="MODE",  # BudgetSchedule.RESAMPLE_MODES
+                 choices=("repeat", "average"), metavar="MODE",  # BudgetSchedule.RESAMPLE_MODES (tested)
                  help="with --schedule: apply a schedule made for another step count (e.g. a "
                       "20-step search on a 50-step run) by resampling it to --steps. MODE 'repeat' "
                       "(default) repeats each step's budget, keeping whole and skipped steps as "
@@ -301,8 +301,8 @@ def run(argv: list[str] | None = None) -> int:
       raise ValueError("give --prompt or --prompt-file")
     prompts = [pipe.default_prompt]
   outs = _outputs(args.out, len(prompts))
-  for out in outs:  # fail before any work if the files cannot be written
-    video.check_writable(out)
+  # Fail before any work if the files cannot be written; several processes stop together.
+  parallel.check_together(lambda: [video.check_writable(out) for out in outs])
 
   overrides = {k: v for k, v in dict(
       frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,

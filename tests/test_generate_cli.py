@@ -34,6 +34,14 @@ def test_prompt_file_batch_and_schedule(tmp_path):
   assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["b_000.mp4", "b_001.mp4"]
 
 
+def test_resample_modes_match_the_schedule():
+  """The CLI lists the modes without importing jax; they must be `BudgetSchedule`'s."""
+  from astraea_jax.acceleration import BudgetSchedule  # pylint: disable=import-outside-toplevel
+
+  action = next(a for a in generate.build_parser()._actions if a.dest == "resample_schedule")
+  assert tuple(action.choices) == BudgetSchedule.RESAMPLE_MODES
+
+
 def test_schedule_of_another_step_count_needs_resample_flag(tmp_path):
   (tmp_path / "s.json").write_text(json.dumps(
       {"format": "astraea-budget-schedule", "version": 1, "name": "t", "thetas": [1.0, 0.0, 0.5]}))

@@ -134,6 +134,10 @@ def test_initial_population_holds_uniform_step_cache_and_random_members():
 def test_ga_config_validation():
   with pytest.raises(ValueError, match="step_cache_seeds"):
     GAConfig(step_cache_seeds=9)
+  # The CLI checks the same limit before importing jax.
+  GAConfig(step_cache_seeds=cli.MAX_STEP_CACHE_SEEDS)
+  with pytest.raises(ValueError, match="step_cache_seeds"):
+    GAConfig(step_cache_seeds=cli.MAX_STEP_CACHE_SEEDS + 1)
   with pytest.raises(ValueError, match="num_parents=1"):
     GAConfig(num_parents=1)
   with pytest.raises(ValueError, match="mutation_start=1.5"):

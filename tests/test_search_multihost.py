@@ -112,3 +112,20 @@ def test_devices_not_a_multiple_of_processes_is_one_line_error(tmp_path):
     assert rc == 1 and lines == ["error: --devices 3 must be a multiple of the 2 processes and at "
                                  "most 4 (all devices)"], err[-2000:]
   assert not (tmp_path / "s.json").exists()
+
+
+def test_bad_output_on_process_0_stops_every_process(tmp_path):
+  """Process 0 writes the files: when it cannot, the other process stops too instead of waiting
+  for it in the first collective."""
+  port = _free_port()
+  procs = [_search(tmp_path, "--out", "missing/dir.json" if i == 0 else f"multi{i}.json",
+                   env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                            JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  (rc0, _, err0), (rc1, _, err1) = _finish(procs)
+  text = (err0 + err1).lower()
+  if re.search(r"(gloo|cpu_collectives).{0,200}(not (available|supported|built|found)|"
+               r"unavailable|unknown|invalid)", text, re.S):
+    pytest.skip(f"CPU cross-process (gloo) collectives unavailable: {err0[-500:]}")
+  assert rc0 == 1 and err0.strip().splitlines()[-1].startswith("error: output directory"), err0
+  assert rc1 == 1 and "process(es) [0] failed a check" in err1.strip().splitlines()[-1], err1

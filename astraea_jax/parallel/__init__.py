@@ -1,7 +1,7 @@
 """Several devices and hosts: the device mesh, sequence-parallel attention, the sharded dense and
 ASTRAEA (arXiv 2506.05096) forwards, and the multi-host start through `jax.distributed`."""
 
-from astraea_jax.parallel.distributed import is_multi_process, maybe_initialize
+from astraea_jax.parallel.distributed import check_together, is_multi_process, maybe_initialize
 from astraea_jax.parallel.mesh import MeshConfig, make_mesh, sharding, spec
 from astraea_jax.parallel.sequence import sequence_parallel_attention
 from astraea_jax.parallel.sharded import (
@@ -22,6 +22,7 @@ __all__ = [
     "MeshConfig",
     "ShardedAstraeaStepModel",
     "ShardedDenseStepModel",
+    "check_together",
     "default_num_devices",
     "is_multi_process",
     "jit_sharded_astraea_step",

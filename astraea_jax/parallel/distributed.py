@@ -20,10 +20,15 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
-__all__ = ["is_multi_process", "maybe_initialize"]
+__all__ = ["PeerProcessError", "check_together", "is_multi_process", "maybe_initialize"]
 
 _initialized = False
+
+
+class PeerProcessError(RuntimeError):
+  """Another process of a multi-process run failed a check (`check_together`)."""
 
 
 def _count(env: Mapping[str, str], name: str) -> int:
@@ -62,3 +67,29 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
     jax.distributed.initialize(**kwargs)
     _initialized = True
   return _initialized
+
+
+def check_together(check) -> None:
+  """Runs `check()` (which raises on bad input) so that all processes stop together.
+
+  With several processes, a check that fails on some of them only (an output directory that one
+  host lacks, a file only process 0 writes) would leave the others waiting in the next collective
+  for ever. Here every process learns whether any failed: the failing ones raise their own error,
+  the others a `PeerProcessError` naming the failed processes. One process: `check()` as it is.
+  """
+  if jax.process_count() == 1:
+    check()
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  error = None
+  try:
+    check()
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).ravel()
+  if error is not None:
+    raise error
+  if failed.any():
+    raise PeerProcessError(f"process(es) {np.flatnonzero(failed).tolist()} failed a check "
+                           "(their error says which); stopping with them")

@@ -40,6 +40,11 @@ def _size(text: str) -> tuple[int, int]:
   return w, h
 
 
+# `GAConfig.step_cache_seeds`' limit, repeated here so that `--help` and argument errors need no jax
+# import; tests/test_search.py keeps the two equal.
+MAX_STEP_CACHE_SEEDS = 8
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m astraea_jax.search",
@@ -75,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="per-step mutation probability at the first generation")
   g.add_argument("--mutation-end", type=float, default=0.01,
                  help="per-step mutation probability at the last generation")
-  g.add_argument("--step-cache-seeds", type=int, default=8, metavar="N",
+  g.add_argument("--step-cache-seeds", type=int, default=MAX_STEP_CACHE_SEEDS, metavar="N",
                  help="initial parents that compute whole steps or skip them (theta 0 or 1, "
-                      "front-loaded like adaptive step caches), 0-8 (default 8); the rest are "
-                      "random, plus the uniform schedule")
+                      f"front-loaded like adaptive step caches), 0-{MAX_STEP_CACHE_SEEDS} (default "
+                      "%(default)s); the rest are random, plus the uniform schedule")
   g = p.add_argument_group("execution")
   g.add_argument("--state", type=Path, default=None, metavar="FILE",
                  help="resumable state file (.npz): resumed from if present, updated every "
@@ -138,8 +143,9 @@ def _check_numbers(args) -> None:
   for name in ("mutation_start", "mutation_end"):
     if not 0.0 <= getattr(args, name) <= 1.0:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name):g} must lie in [0, 1]")
-  if not 0 <= args.step_cache_seeds <= 8:
-    raise ValueError(f"--step-cache-seeds {args.step_cache_seeds} must lie in [0, 8]")
+  if not 0 <= args.step_cache_seeds <= MAX_STEP_CACHE_SEEDS:
+    raise ValueError(f"--step-cache-seeds {args.step_cache_seeds} must lie in "
+                     f"[0, {MAX_STEP_CACHE_SEEDS}]")
   if args.steps is not None and args.steps < 2:
     raise ValueError(f"--steps {args.steps} must be at least 2 (step 0 is always dense)")
 
@@ -177,10 +183,13 @@ def run(argv: list[str] | None = None) -> int:
     devices = parallel.default_num_devices() if args.devices is None else args.devices
     if devices > visible:
       raise ValueError(f"--devices {devices} must be at most {visible} (the visible devices)")
-  if lead:  # fail before any work if the files cannot be written (process 0 writes them)
-    video.check_writable(args.out)
-    if args.state is not None:
-      video.check_writable(args.state)
+  def check_outputs():  # before any work: can the files be written (process 0 writes them)?
+    if lead:
+      video.check_writable(args.out)
+      if args.state is not None:
+        video.check_writable(args.state)
+
+  parallel.check_together(check_outputs)  # several processes stop together, none left waiting
   if prompts is None:
     prompts = calibration_prompts(args.num_prompts)
   ga = GAConfig(num_parents=args.population, num_offspring=args.offspring,
