@@ -18,7 +18,10 @@ the ASTRAEA token-wise acceleration (arXiv 2506.05096) is built on: queries, cro
 for the S selected tokens only, keys and values for all N.
 
 Precision follows the references: the time embedding, the modulation tables and their arithmetic,
-the layer/RMS norms and RoPE run in fp32; the projections, attention and FFN in `config.dtype`.
+the layer/RMS norms and RoPE run in fp32; the projections, attention and FFN in `config.dtype`. Two
+departures in rounding only, for speed (equal in fp32): q and k are rotated without rounding the
+norm's output first (`RMSNorm.with_rope`), and the residual gates are folded into a `config.dtype`
+copy of the out-projection and FFN-down weights (`_gated_residual`).
 """
 
 from __future__ import annotations
