@@ -183,6 +183,7 @@ def run(argv: list[str] | None = None) -> int:
     devices = parallel.default_num_devices() if args.devices is None else args.devices
     if devices > visible:
       raise ValueError(f"--devices {devices} must be at most {visible} (the visible devices)")
+
   def check_outputs():  # before any work: can the files be written (process 0 writes them)?
     if lead:
       video.check_writable(args.out)
