@@ -180,15 +180,22 @@ def test_norm_with_rope_equals_norm_then_rope():
   angles = jax.random.uniform(jax.random.key(3), (2, 5, 24 // heads // 2), maxval=6.0)
   for cos, sin in ((jnp.cos(angles[0]), jnp.sin(angles[0])), (jnp.cos(angles), jnp.sin(angles))):
     want = wan.apply_rope(norm(x).reshape(2, 5, heads, -1), cos, sin)
-    got = norm.with_rope(x, cos, sin, heads)
+    got = norm.with_rope(x.reshape(2, 5, heads, -1), cos, sin)
     assert got.shape == (2, 5, heads, 24 // heads)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     xb = x.astype(jnp.bfloat16)
     want = wan.apply_rope(norm(xb).reshape(2, 5, heads, -1), cos, sin)
-    got = norm.with_rope(xb, cos, sin, heads)
+    got = norm.with_rope(xb.reshape(2, 5, heads, -1), cos, sin)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=2e-2, atol=2e-2)
+  # A per-head norm (scale [D], as HunyuanVideo's) normalises each head on its own.
+  per_head = wan.RMSNorm(24 // heads, eps=1e-6)
+  per_head.scale[...] = jax.random.uniform(jax.random.key(4), (24 // heads,), minval=0.5, maxval=2)
+  xh = x.reshape(2, 5, heads, -1) * jnp.asarray([1.0, 5.0])[:heads, None]  # heads of other scales
+  want = wan.apply_rope(per_head(xh), jnp.cos(angles), jnp.sin(angles))
+  got = per_head.with_rope(xh, jnp.cos(angles), jnp.sin(angles))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_presets_have_the_real_sizes():

@@ -69,7 +69,8 @@ from flax import nnx
 
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.config_io import PresetConfig
-from astraea_jax.models.wan import LayerNorm, PatchEmbed, RMSNorm, TimestepEmbedding, apply_rope
+from astraea_jax.models.wan import (LayerNorm, PatchEmbed, RMSNorm, Rope, TimestepEmbedding,
+                                    apply_rope)
 from astraea_jax.models.wan import layer_norm
 
 F32 = jnp.float32
@@ -319,22 +320,27 @@ class HunyuanAttention(nnx.Module):
     return x.reshape(*x.shape[:2], self.heads, -1)  # [B, S, C] -> [B, S, H, D]
 
   @staticmethod
-  def _norm(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
-    return norm(x) if norm is not None else x
+  def _norm(norm: RMSNorm | None, x: jax.Array, rope: Rope | None = None) -> jax.Array:
+    """Optional per-head RMSNorm, then optional RoPE (`rope = (cos, sin)`), in one pass when both."""
+    if norm is not None and rope is not None:
+      return norm.with_rope(x, *rope)
+    x = norm(x) if norm is not None else x
+    return apply_rope(x, *rope) if rope is not None else x
 
-  def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`[B, S, C]` -> q, k, v `[B, S, H, D]` (q and k normed), no RoPE."""
-    q = self._norm(self.norm_q, self._heads(self.to_q(x)))
-    k = self._norm(self.norm_k, self._heads(self.to_k(x)))
+  def qkv(self, x: jax.Array, rope: Rope | None = None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`[B, S, C]` -> q, k, v `[B, S, H, D]` (q and k normed, and rotated by `rope` if given)."""
+    q = self._norm(self.norm_q, self._heads(self.to_q(x)), rope)
+    k = self._norm(self.norm_k, self._heads(self.to_k(x)), rope)
     return q, k, self._heads(self.to_v(x))
 
-  def project_q(self, x: jax.Array) -> jax.Array:
-    """`[B, S, C]` -> q `[B, S, H, D]` (normed), no RoPE."""
-    return self._norm(self.norm_q, self._heads(self.to_q(x)))
+  def project_q(self, x: jax.Array, rope: Rope | None = None) -> jax.Array:
+    """`[B, S, C]` -> q `[B, S, H, D]` (normed, and rotated by `rope` if given)."""
+    return self._norm(self.norm_q, self._heads(self.to_q(x)), rope)
 
-  def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`[B, N, C]` -> k (normed), v `[B, N, H, D]`, no RoPE."""
-    return self._norm(self.norm_k, self._heads(self.to_k(x))), self._heads(self.to_v(x))
+  def project_kv(self, x: jax.Array, rope: Rope | None = None) -> tuple[jax.Array, jax.Array]:
+    """`[B, N, C]` -> k (normed, and rotated by `rope` if given), v `[B, N, H, D]`."""
+    return self._norm(self.norm_k, self._heads(self.to_k(x)), rope), self._heads(self.to_v(x))
 
   def added_qkv(self, ctx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Text-stream projections of the dual-stream attention: `[B, M, C]` -> `[B, M, H, D]` x 3."""
@@ -487,16 +493,15 @@ class HunyuanDualBlock(nnx.Module):
     # Chunks: shift, scale, gate (attention), shift, scale, gate (MLP).
     mod, mod_c = self.norm1(cond.temb), self.norm1_context(cond.temb)  # [B, 6, C] fp32
     h = modulate(x, mod[:, 0], mod[:, 1])  # [B, N, C]
+    rope = (cond.rope_cos, cond.rope_sin)
     if select is None:
-      q, k, v = self.attn.qkv(h)  # [B, N, H, D]
-      q = apply_rope(q, cond.rope_cos, cond.rope_sin)
+      q, k, v = self.attn.qkv(h, rope)  # [B, N, H, D], q and k rotated
     else:
       select = select.astype(jnp.int32)
       x = _take_rows(x, select)  # [B, S, C]: the rows computed from here on
-      k, v = self.attn.project_kv(h)  # [B, N, H, D]
-      q = apply_rope(self.attn.project_q(_take_rows(h, select)), cond.rope_cos[select],
-                     cond.rope_sin[select])  # [B, S, H, D]
-    k = apply_rope(k, cond.rope_cos, cond.rope_sin)
+      k, v = self.attn.project_kv(h, rope)  # [B, N, H, D]
+      q = self.attn.project_q(_take_rows(h, select), (cond.rope_cos[select],
+                                                      cond.rope_sin[select]))  # [B, S, H, D]
     qc, kc, vc = self.attn.added_qkv(modulate(ctx, mod_c[:, 0], mod_c[:, 1]))  # [B, M, H, D]
     o, lse = _attend(jnp.concatenate([q, qc], axis=1), jnp.concatenate([k, kc], axis=1),
                      jnp.concatenate([v, vc], axis=1), cond, self.attn_impl,
@@ -549,17 +554,14 @@ class HunyuanSingleBlock(nnx.Module):
     cos = jnp.concatenate([cond.rope_cos, jnp.ones((m, cond.rope_cos.shape[1]), F32)], axis=0)
     sin = jnp.concatenate([cond.rope_sin, jnp.zeros((m, cond.rope_sin.shape[1]), F32)], axis=0)
     if select is None:
-      q, k, v = self.attn.qkv(hn)  # [B, N + M, H, D]
-      q_cos, q_sin = cos, sin
+      q, k, v = self.attn.qkv(hn, (cos, sin))  # [B, N + M, H, D], q and k rotated
     else:
       text_rows = jnp.broadcast_to(n + jnp.arange(m, dtype=jnp.int32), (h.shape[0], m))
       rows = jnp.concatenate([select.astype(jnp.int32), text_rows], axis=1)  # [B, S + M]
-      k, v = self.attn.project_kv(hn)  # [B, N + M, H, D]
+      k, v = self.attn.project_kv(hn, (cos, sin))  # [B, N + M, H, D]
       h, hn = _take_rows(h, rows), _take_rows(hn, rows)  # [B, S + M, C]: the rows computed
-      q = self.attn.project_q(hn)  # [B, S + M, H, D]
-      q_cos, q_sin = cos[rows], sin[rows]  # [B, S + M, D/2]
+      q = self.attn.project_q(hn, (cos[rows], sin[rows]))  # [B, S + M, H, D]
     mlp = _gelu_tanh(self.proj_mlp(hn))  # [B, S + M, F]
-    q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
     o, lse = _attend(q, k, v, cond, self.attn_impl,
                      return_lse or select is not None)  # [B, S + M, H, D], [B, H, S + M]
     out = self.proj_out(jnp.concatenate([_flat(o).astype(h.dtype), mlp], axis=-1))

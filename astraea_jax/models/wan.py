@@ -176,27 +176,31 @@ class RMSNorm(nnx.Module):
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...]).astype(x.dtype)
 
-  def with_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array, heads: int) -> jax.Array:
-    """`apply_rope(self(x) split into heads, cos, sin)` in one pass after the row statistic.
+  def with_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`apply_rope(self(x), cos, sin)` in one pass after the row statistic.
 
-    x: `[B, S, C]`; cos, sin: `[S, D/2]` or `[B, S, D/2]` fp32 -> `[B, S, H, D]` in x's dtype.
+    x: `[B, S, H, D]`, normalised over the axes the scale covers: all heads together (scale
+    `[H * D]`, Wan) or each head (scale `[D]`, HunyuanVideo); cos, sin: `[S, D/2]` or
+    `[B, S, D/2]` fp32 -> `[B, S, H, D]` in x's dtype.
 
     The rotation's partner channels are read from x itself (`swap(x) * r * swap(scale)`, with the
     row factor r shared by a pair), so the normalised q or k is never written out: XLA otherwise
     stores it in fp32 between a normalisation kernel and a RoPE kernel (three passes over q and
-    three over k per block, ~10 ms of the 1.3B forward on an H200). The norm's output is not rounded
-    to x's dtype before the rotation, as XLA on the GPU already computed it (excess precision); in
-    fp32 the result equals the unfused one.
+    three over k per block, ~10 ms of the Wan 1.3B forward on an H200). The norm's output is not
+    rounded to x's dtype before the rotation, as XLA on the GPU already computed it (excess
+    precision); in fp32 the result equals the unfused one.
     """
-    b, s, c = x.shape
-    d = c // heads
-    xf = x.astype(F32)
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)  # [B, S, 1]
+    d = x.shape[-1]
     w = self.scale[...]
-    n = (xf * r * w).reshape(b, s, heads, d)
-    n_swapped = (_swap_pairs(xf) * r * _swap_pairs(w)).reshape(b, s, heads, d)
+    per_head = w.shape[0] == d
+    w = w if per_head else w.reshape(-1, d)  # [D] or [H, D]
+    xf = x.astype(F32)
+    rows = xf if per_head else xf.reshape(*x.shape[:-2], -1)  # [B, S, H, D] or [B, S, H * D]
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(rows), axis=-1, keepdims=True) + self.eps)
+    r = r if per_head else r[..., None]  # [B, S, H or 1, 1]
     cos2, sin2 = _rope_factors(cos, sin, d)
-    return (n * cos2 + n_swapped * sin2).astype(x.dtype)
+    out = xf * r * w * cos2 + _swap_pairs(xf) * r * _swap_pairs(w) * sin2
+    return out.astype(x.dtype)
 
 
 def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -345,7 +349,7 @@ class WanAttention(nnx.Module):
   def _norm(self, norm: RMSNorm | None, x: jax.Array, rope: Rope | None) -> jax.Array:
     """Optional RMSNorm, split into heads, optional RoPE: `[B, S, C] -> [B, S, H, D]`."""
     if norm is not None and rope is not None:
-      return norm.with_rope(x, *rope, self.heads)
+      return norm.with_rope(self._heads(x), *rope)
     x = self._heads(norm(x) if norm is not None else x)
     return apply_rope(x, *rope) if rope is not None else x
 
