@@ -301,8 +301,12 @@ def run(argv: list[str] | None = None) -> int:
       raise ValueError("give --prompt or --prompt-file")
     prompts = [pipe.default_prompt]
   outs = _outputs(args.out, len(prompts))
-  # Fail before any work if the files cannot be written; several processes stop together.
-  parallel.check_together(lambda: [video.check_writable(out) for out in outs])
+
+  def check_outputs():  # before any work: can the files be written?
+    for out in outs:
+      video.check_writable(out)
+
+  parallel.check_together(check_outputs)  # several processes stop together, none left waiting
 
   overrides = {k: v for k, v in dict(
       frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
