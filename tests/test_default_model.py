@@ -92,10 +92,10 @@ def test_default_model_follows_colour_and_motion(generated):
   colour_ok = sum(r[3] for r in results) / len(results)
   motion_ok = sum(r[3] and r[4] for r in results) / len(results)
   assert colour_ok >= 0.9, results
-  # Measured with the shipped weights (6.6k steps): colour 12/12, colour and motion 6/12. The
-  # goal is "most seeds"; this bound guards what the model does today (an untrained model's blobs
-  # pass the motion check about one time in eight).
-  assert motion_ok >= 0.4, results
+  # Measured with the shipped weights on a CPU: colour 12/12, colour and motion 11/12 (seeds 0-3:
+  # 22/24). The weights before them, which had not learned "left" from "right", scored 6/12 (an
+  # untrained model's blobs pass the motion check about one time in eight).
+  assert motion_ok >= 0.75, results
 
 
 def test_budget_keeps_quality(generated):

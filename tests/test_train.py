@@ -209,6 +209,32 @@ def test_resume_continues_exactly(tmp_path, capsys):
     ste.save_small_model(path, model, TINY, tok)
 
 
+def test_warm_start_adds_zero_frame_embeddings(tmp_path):
+  """`--init-from` a model without frame embeddings: every other parameter is the source's, the
+  frame embedding starts at zero, so the run starts from the source's predictions; a source of
+  another architecture is refused."""
+  tok = WordTokenizer.for_captions()
+  source_config = TINY.replace(wan={"num_frame_embeddings": 0})
+  source = ste.SmallVideoModel(source_config, rngs=nnx.Rngs(3))
+  path = ste.save_small_model(tmp_path / "src", source, source_config, tok, storage="float32")
+  trainer = train.Trainer(_tiny_config(), tmp_path / "run", init_from=path)
+  params = trainer.state.params
+  np.testing.assert_array_equal(params["transformer"]["frame_embedding"], np.zeros((5, 64)))
+  warm = nnx.merge(trainer.graphdef, params)
+  ids, mask = tok(["a red circle moving left on a gray background"])
+  videos = jax.random.normal(jax.random.key(0), (1, 3, 5, 32, 32))
+  args = (videos, jnp.full((1,), 700.0), jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(warm(*args), source(*args), rtol=1e-5, atol=1e-5)
+  trainer.close()
+
+  other_config = TINY.replace(wan={"ffn_dim": 96})
+  other = ste.SmallVideoModel(other_config, rngs=nnx.Rngs(3))
+  other_path = ste.save_small_model(tmp_path / "other", other, other_config, tok,
+                                    storage="float32")
+  with pytest.raises(ValueError, match="another configuration"):
+    train.Trainer(_tiny_config(), tmp_path / "run2", init_from=other_path)
+
+
 def test_bad_config(tmp_path):
   with pytest.raises(ValueError, match="multiple of the 2 devices"):
     train.Trainer(_tiny_config(batch_size=3), tmp_path / "never")

@@ -268,3 +268,23 @@ def test_fused_projections_equal_separate_ones():
                              atol=1e-6)
   np.testing.assert_allclose(np.asarray(k), np.asarray(k2), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(v), np.asarray(v2), rtol=1e-5, atol=1e-6)
+
+
+def test_frame_embedding_adds_each_frames_row():
+  """A zero frame embedding leaves the model unchanged; its row f is added to every token of token
+  frame f (checked through `embed`), and more frames than rows is refused."""
+  plain, framed = _tiny(), _tiny(num_frame_embeddings=4)
+  args = _inputs(plain)  # 3 token frames of 2 x 3
+  np.testing.assert_array_equal(_jit_call(framed, *args), _jit_call(plain, *args))
+  rows = jax.random.normal(jax.random.key(1), (4, 24))
+  framed.frame_embedding[...] = rows
+  x0, _ = plain.embed(*args)
+  x1, _ = framed.embed(*args)
+  expected = x0.reshape(2, 3, 6, 24) + rows[:3, None, :]
+  np.testing.assert_allclose(x1.reshape(2, 3, 6, 24), expected, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(_jit_call(framed, *args), _jit_call(plain, *args))
+  latents, timestep, context = _inputs(plain, shape=(1, 4, 5, 4, 6))
+  with pytest.raises(ValueError, match="num_frame_embeddings=4"):
+    framed(latents, timestep, context)
+  with pytest.raises(ValueError, match="num_frame_embeddings"):
+    wan.WanConfig.preset("tiny", num_frame_embeddings=-1)

@@ -30,7 +30,7 @@ from flax import nnx
 from astraea_jax.acceleration.astraea import _layer_params, _num_layers, _set_layer
 from astraea_jax.acceleration.method_stats import StepRecord
 from astraea_jax.models import attention as attention_lib
-from astraea_jax.models.wan import layer_norm
+from astraea_jax.models.wan import gated_residual, layer_norm
 
 __all__ = ["PABConfig", "PABStepModel", "pab_forward", "pab_step_program"]
 
@@ -92,7 +92,8 @@ def _block(block, x, cond, attn_cached, cross_cached, *, compute_self, compute_c
     cross = cross_cached
   x = x + cross
   h = (layer_norm(x, block.eps) * (1 + c_scale) + c_shift).astype(dt)
-  out = (x.astype(F32) + block.ffn(h).astype(F32) * c_gate).astype(dt)
+  # The self-attention residual stays unfused: its output is what the cache keeps.
+  out = gated_residual(x, block.ffn.hidden(h), block.ffn.proj_out, c_gate)
   return out, attn, cross
 
 

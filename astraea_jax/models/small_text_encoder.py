@@ -192,6 +192,10 @@ class SmallVideoConfig:
                        f"{self.wan.in_channels}/{self.wan.out_channels}")
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"prediction={self.prediction!r} must be one of {PREDICTIONS}")
+    token_frames = self.frames // self.wan.patch_size[0]
+    if 0 < self.wan.num_frame_embeddings < token_frames:
+      raise ValueError(f"wan.num_frame_embeddings={self.wan.num_frame_embeddings} must cover the "
+                       f"{token_frames} token frames of {self.frames=}")
     pt, py, px = self.wan.patch_size
     if self.frames % pt or self.height % py or self.width % px:
       raise ValueError(f"clip {self.frames}x{self.height}x{self.width} does not split into "
@@ -243,17 +247,20 @@ SMALL_VIDEO_PRESETS: dict[str, SmallVideoConfig] = {
     "tiny": SmallVideoConfig(
         wan=WanConfig(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=32,
                       in_channels=3, out_channels=3, text_dim=32, freq_dim=32, ffn_dim=128,
-                      num_layers=2, param_dtype="float32", dtype="float32"),
+                      num_layers=2, param_dtype="float32", dtype="float32",
+                      num_frame_embeddings=5),
         text=SmallTextEncoderConfig(vocab_size=_vocab_size(), dim=32, num_heads=2, ffn_dim=64,
                                     num_layers=1),
         frames=5, height=32, width=32),
     # The embedded default: 17 x 64 x 64 pixels -> 17 x 8 x 8 = 1088 tokens, dim 320 (5 heads of
     # 64), 8 layers, FFN 1024; 12.9M transformer + 0.4M text parameters, 27 MB stored. Trained with
-    # bf16 compute on fp32 master weights; CPU inference runs in fp32.
+    # bf16 compute on fp32 master weights; CPU inference runs in fp32. Absolute frame embeddings
+    # (see `WanConfig`) mark where a clip starts.
     "small": SmallVideoConfig(
         wan=WanConfig(patch_size=(1, 8, 8), num_attention_heads=5, attention_head_dim=64,
                       in_channels=3, out_channels=3, text_dim=128, freq_dim=256, ffn_dim=1024,
-                      num_layers=8, param_dtype="float32", dtype="bfloat16"),
+                      num_layers=8, param_dtype="float32", dtype="bfloat16",
+                      num_frame_embeddings=17),
         text=SmallTextEncoderConfig(vocab_size=_vocab_size(), dim=128, num_heads=4, ffn_dim=512,
                                     num_layers=2),
         frames=17, height=64, width=64, prediction="x0"),

@@ -21,7 +21,7 @@ Precision follows the references: the time embedding, the modulation tables and 
 the layer/RMS norms and RoPE run in fp32; the projections, attention and FFN in `config.dtype`. Two
 departures in rounding only, for speed (equal in fp32): q and k are rotated without rounding the
 norm's output first (`RMSNorm.with_rope`), and the residual gates are folded into a `config.dtype`
-copy of the out-projection and FFN-down weights (`_gated_residual`).
+copy of the out-projection and FFN-down weights (`gated_residual`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class WanConfig(PresetConfig):
   to `astraea_jax.models.attention.attention` (None: its default for the platform);
   `fuse_projections` runs self-attention's q and k projections as one matmul on the
   concatenated weights (the parameters stay separate, as in the checkpoints).
+  `num_frame_embeddings` > 0 adds a learned embedding of each token frame's absolute index (up to
+  that many frames) to the patch embeddings. No Wan2.1 release has one (0). The project's
+  pixel-space model does: RoPE encodes only offsets between frames, and it has no causal VAE whose
+  distinct first latent frame would mark where a clip starts.
   """
   patch_size: tuple[int, int, int] = (1, 2, 2)
   num_attention_heads: int = 12
@@ -70,6 +74,7 @@ class WanConfig(PresetConfig):
   dtype: str = "bfloat16"
   attention_impl: str | None = None
   fuse_projections: bool = True
+  num_frame_embeddings: int = 0
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -89,6 +94,8 @@ class WanConfig(PresetConfig):
       raise ValueError(f"freq_dim={self.freq_dim} must be even")
     if self.qk_norm not in (None, "rms_norm_across_heads"):
       raise ValueError(f"qk_norm={self.qk_norm!r} must be 'rms_norm_across_heads' or None")
+    if self.num_frame_embeddings < 0:
+      raise ValueError(f"{self.num_frame_embeddings=} must be >= 0")
 
   @property
   def hidden_size(self) -> int:
@@ -400,7 +407,7 @@ class FeedForward(nnx.Module):
     return self.proj_out(self.hidden(x))
 
 
-def _gated_residual(x: jax.Array, inp: jax.Array, linear: nnx.Linear, gate: jax.Array) -> jax.Array:
+def gated_residual(x: jax.Array, inp: jax.Array, linear: nnx.Linear, gate: jax.Array) -> jax.Array:
   """`x + linear(inp) * gate`, the gated residual of a Wan block, as `x + inp @ (W * gate) + b * gate`.
 
   x `[B, S, C]` (compute dtype), inp `[B, S, K]`, gate `[B, 1, C]` fp32 -> `[B, S, C]` in x's dtype.
@@ -478,13 +485,13 @@ class WanTransformerBlock(nnx.Module):
       o, lse = attention_lib.attention_with_lse(q, k, v)
     else:
       o, lse = attention_lib.attention(q, k, v, implementation=self.attn_impl), None
-    x_s = _gated_residual(x_s, o.astype(dt).reshape(*o.shape[:2], -1), self.attn1.to_out, gate)
+    x_s = gated_residual(x_s, o.astype(dt).reshape(*o.shape[:2], -1), self.attn1.to_out, gate)
 
     h_s = self.norm2(x_s.astype(F32)).astype(dt) if self.norm2 is not None else x_s
     x_s = x_s + self.attn2(h_s, cond.context).astype(dt)
 
     h_s = (layer_norm(x_s, self.eps) * (1 + c_scale) + c_shift).astype(dt)
-    out = _gated_residual(x_s, self.ffn.hidden(h_s), self.ffn.proj_out, c_gate)
+    out = gated_residual(x_s, self.ffn.hidden(h_s), self.ffn.proj_out, c_gate)
     if return_lse:
       return out, lse.astype(F32)
     return out
@@ -503,6 +510,9 @@ class WanTransformer3DModel(nnx.Module):
     pt, py, px = config.patch_size
     self.patch_embedding = PatchEmbed(config.in_channels, c, config.patch_size, dtype=cd,
                                       param_dtype=pd, rngs=rngs)
+    # Zero at initialisation: a model warm-started without one starts out unchanged.
+    self.frame_embedding = (nnx.Param(jnp.zeros((config.num_frame_embeddings, c), pd))
+                            if config.num_frame_embeddings else None)
     self.condition_embedder = ConditionEmbedder(config, rngs=rngs)
 
     @nnx.split_rngs(splits=config.num_layers)
@@ -544,12 +554,23 @@ class WanTransformer3DModel(nnx.Module):
     if timestep.shape != (b,):
       raise ValueError(f"timestep must be a scalar or [B={b}], got shape {tuple(timestep.shape)}")
     x = self.patch_embedding(latents)  # [B, N, C]
+    if self.frame_embedding is not None:
+      x = self._add_frame_embedding(x, grid)
     temb, timestep_proj, ctx = self.condition_embedder(
         timestep, context.astype(self.config.dtype))
     cos, sin = rope_tables(self.config, grid)
     cond = WanConditioning(timestep_proj=timestep_proj.reshape(b, 6, -1), temb=temb,
                            context=ctx, rope_cos=cos, rope_sin=sin, grid=grid)
     return x, cond
+
+  def _add_frame_embedding(self, x: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    t = grid[0]
+    if t > self.config.num_frame_embeddings:
+      raise ValueError(f"{t} token frames exceed the model's "
+                       f"num_frame_embeddings={self.config.num_frame_embeddings}")
+    b, n, c = x.shape
+    emb = self.frame_embedding[:t].astype(x.dtype)  # [T, C]
+    return (x.reshape(b, t, n // t, c) + emb[None, :, None, :]).reshape(b, n, c)
 
   def run_blocks(self, x: jax.Array, cond: WanConditioning) -> jax.Array:
     """All L blocks, dense, scanned over the stacked layer axis."""
