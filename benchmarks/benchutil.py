@@ -5,6 +5,10 @@ Benchmarks run as scripts (`PYTHONPATH=. python3 benchmarks/NAME.py`), so this s
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import re
 from pathlib import Path
 
@@ -44,3 +48,40 @@ def init_on_device(make):
 def build_state(config: WanConfig):
   """graphdef and random parameters of a Wan transformer, initialised on the device."""
   return init_on_device(lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0)))
+
+
+def _categorize(name: str) -> str:
+  low = name.lower()
+  if any(k in low for k in ("fmha", "flash", "cudnn", "attn", "attention", "sdpa", "mosaic")):
+    return "attention"
+  if any(k in low for k in ("gemm", "xmma", "nvjet", "cutlass", "matmul", "gmma", "sm90")):
+    return "matmul"
+  return "other"
+
+
+def kernel_times(fn, args, trace_dir: str, *, label: str = "", top: int = 40) -> tuple:
+  """Traces one call `fn(*args)` (already compiled and warm); returns `(its result, its GPU kernel
+  time {"by_category": {attention|matmul|other: ms}, "kernels": [rows, longest first]})` and
+  prints the kernel time. The result is handed back for calls that donate their inputs.
+  """
+  trace_dir = os.path.join(trace_dir, re.sub(r"[^a-zA-Z0-9_.-]+", "_", label) or "trace")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    result = jax.block_until_ready(fn(*args))
+  files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  events = json.load(gzip.open(sorted(files)[-1]))["traceEvents"]
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  agg: dict[str, list[float]] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
+      agg.setdefault(e.get("name", "?"), []).append(float(e["dur"]) / 1e3)
+  rows = sorted(({"kernel": k[:160], "category": _categorize(k), "count": len(v),
+                  "total_ms": sum(v)} for k, v in agg.items()), key=lambda r: -r["total_ms"])
+  by_cat: dict[str, float] = {}
+  for r in rows:
+    by_cat[r["category"]] = by_cat.get(r["category"], 0.0) + r["total_ms"]
+  print(f"GPU kernel time by category (ms){' of ' + label if label else ''}:",
+        json.dumps({k: round(v, 1) for k, v in by_cat.items()}), flush=True)
+  for r in rows[:top]:
+    print(f"  {r['total_ms']:8.2f} ms {r['count']:5d}x {r['category']:9s} {r['kernel'][:110]}")
+  return result, {"by_category": by_cat, "kernels": rows[:2 * top]}

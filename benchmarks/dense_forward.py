@@ -36,7 +36,7 @@ import pallas_kernels
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
 from benchutil import (RESULTS as _RESULTS, build_state, device_slug,  # noqa: E402  (script dir)
-                       parse_tuning)
+                       kernel_times, parse_tuning)
 
 
 
@@ -227,20 +227,8 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _categorize(name: str) -> str:
-  low = name.lower()
-  if any(k in low for k in ("fmha", "flash", "cudnn", "attn", "attention", "sdpa", "mosaic")):
-    return "attention"
-  if any(k in low for k in ("gemm", "xmma", "nvjet", "cutlass", "matmul", "gmma", "sm90")):
-    return "matmul"
-  return "other"
-
-
 def run_profile(base, state, t, y, x, m, rng, impl, trace_dir) -> list[dict]:
   """Traces one batch-1 forward; returns (and prints) GPU kernel time grouped by kernel name."""
-  import glob  # pylint: disable=import-outside-toplevel
-  import gzip  # pylint: disable=import-outside-toplevel
-
   cfg = dataclasses.replace(base, attention_impl=impl)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanTransformer3DModel(cfg, rngs=nnx.Rngs(0))))
 
@@ -251,28 +239,9 @@ def run_profile(base, state, t, y, x, m, rng, impl, trace_dir) -> list[dict]:
   latents = jnp.asarray(rng.standard_normal((1, base.in_channels, t, y, x), np.float32))
   timestep = jnp.asarray([500.0], jnp.float32)
   context = jnp.asarray(rng.standard_normal((1, m, base.text_dim), np.float32), jnp.bfloat16)
-  jax.block_until_ready(forward(state, latents, timestep, context))
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    jax.block_until_ready(forward(state, latents, timestep, context))
-  files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  events = json.load(gzip.open(sorted(files)[-1]))["traceEvents"]
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-  agg: dict[str, list[float]] = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
-      name = e.get("name", "?")
-      agg.setdefault(name, []).append(float(e["dur"]) / 1e3)
-  rows = sorted(({"kernel": k[:160], "category": _categorize(k), "count": len(v),
-                  "total_ms": sum(v)} for k, v in agg.items()), key=lambda r: -r["total_ms"])
-  by_cat: dict[str, float] = {}
-  for r in rows:
-    by_cat[r["category"]] = by_cat.get(r["category"], 0.0) + r["total_ms"]
-  print("GPU kernel time by category (ms):", json.dumps({k: round(v, 1) for k, v in
-                                                         by_cat.items()}), flush=True)
-  for r in rows[:40]:
-    print(f"  {r['total_ms']:8.2f} ms {r['count']:5d}x {r['category']:9s} {r['kernel'][:110]}")
-  return rows[:80]
+  args = (state, latents, timestep, context)
+  jax.block_until_ready(forward(*args))
+  return kernel_times(forward, args, trace_dir, label="dense forward")[1]["kernels"]
 
 
 def run_attention_sweep(base, n, args, rng) -> list[dict]:

@@ -65,7 +65,8 @@ from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.hunyuan import HunyuanConfig, HunyuanVideoTransformer3DModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchutil import RESULTS, device_slug, init_on_device  # noqa: E402  pylint: disable=wrong-import-position
+from benchutil import (RESULTS, device_slug, init_on_device,  # noqa: E402  pylint: disable=wrong-import-position
+                       kernel_times)
 
 PAPER = {"setting": "HunyuanVideo, 5 s video, A100, end to end",
          "speedup": {"0.7": 1.39, "0.5": 1.93, "0.4": 2.38}}
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="seconds; variants that would end past it are skipped")
   parser.add_argument("--skip-model-dense", action="store_true",
                       help="do not try the model's own dense __call__")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="trace the dense step and the smallest budget's step into DIR and "
+                           "print their GPU kernel time by kernel")
   parser.add_argument("--out", default=None, help="JSON path (default results/hunyuan_speed-<dev>)")
   args = parser.parse_args(argv)
   t_start = time.perf_counter()
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
       times.append((time.perf_counter() - start) * 1e3)
   record("dense", n, times, compile_s, temp)
   dense_s = rows["dense"]["median_ms"] / 1e3
+  profiles: dict[str, dict] = {}
+  if args.profile:
+    dense_out, profiles["dense"] = kernel_times(compiled, fixed, args.profile, label="dense")
   max_compile = compile_s
 
   # 2. The first, cache-filling step (k = N, no cache).
@@ -242,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         times.append((time.perf_counter() - start) * 1e3)
     finite &= bool(jnp.isfinite(out).all())
     record(name, k, times, compile_s, temp)
+    if args.profile and k == ks[0]:
+      (out, cache), profiles[name] = kernel_times(compiled, (*fixed, cache), args.profile,
+                                                  label=name)
   memory["peak_after_sparse_steps"] = memory_stat("peak_bytes_in_use")
 
   # 4. The first step again (each call builds a cache, so the previous one is freed first).
@@ -326,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
       "variants": rows,
       "model_call_dense": model_dense,
       "loops": loops,
+      "profiles": profiles,
       "paper": PAPER,
       "skipped": skipped,
       "wall_s": time.perf_counter() - t_start,

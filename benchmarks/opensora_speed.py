@@ -49,7 +49,8 @@ from astraea_jax.acceleration.opensora_astraea import jit_opensora_astraea_step,
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.opensora import STDiT3, STDiT3Config
-from benchutil import RESULTS as _RESULTS, device_slug, init_on_device  # noqa: E402  (script dir)
+from benchutil import (RESULTS as _RESULTS, device_slug, init_on_device,  # noqa: E402
+                       kernel_times)
 
 # Table 1 of the paper: OpenSora v1.2, 4 s, A100, end-to-end speedup at each budget.
 PAPER_SPEEDUP = {0.7: 1.43, 0.5: 1.86, 0.4: 2.31}
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--runs", type=int, default=None, help="timed calls per variant (default 3)")
   parser.add_argument("--time-limit", type=float, default=360.0,
                       help="seconds; later variants are skipped past it (partial results kept)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="trace the dense forward and the smallest budget's step into DIR and "
+                           "print their GPU kernel time by kernel")
   parser.add_argument("--out", default=None,
                       help="JSON path (default results/opensora_speed-<device>.json)")
   args = parser.parse_args(argv)
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     times.append(ms)
   record("dense (model)", s, times[1:], cs)
 
+  profiles: dict[str, dict] = {}
+  if args.profile:
+    _, profiles["dense (model)"] = kernel_times(compiled, fixed, args.profile, label="dense")
+
   # 2. ASTRAEA: the cache-filling first step, then each sparse K with the cache chained.
   step = jit_opensora_astraea_step(graphdef, config=acfg)
   start = time.perf_counter()
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
       times.append(ms)
       finite &= bool(jnp.isfinite(out).all())
     record(name, k, times[1:], cs, outputs_finite=finite)
+    if args.profile and k == ks[budgets[0]]:
+      (_, cache), profiles[name] = kernel_times(compiled, (*fixed, cache), args.profile,
+                                                label=name)
 
   budgets = sorted(args.budgets)  # the most telling (smallest) first, in case time runs out
   ks = {budget: BudgetSchedule.uniform(steps, budget).num_selected(1, s) for budget in budgets}
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
       "paper_speedup_a100": {str(k): v for k, v in PAPER_SPEEDUP.items()},
       "variants": rows,
       "loops": loops,
+      "profiles": profiles,
       "wall_s": time.perf_counter() - t_start,
   }
   out_path = Path(args.out) if args.out else _RESULTS / f"opensora_speed-{device_slug()}.json"
