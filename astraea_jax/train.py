@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -432,17 +432,11 @@ class Trainer:
     if source.to_dict() != target.to_dict():
       raise ValueError(f"{str(path)!r} holds a model of another configuration than preset "
                        f"{self.config.preset!r}")
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def take(path_, initial):
-      node = pure
-      for key in path_:
-        k = getattr(key, "key", getattr(key, "idx", None))
-        node = node.get(k) if isinstance(node, dict) else None
-      value = initial if node is None else jnp.asarray(node, initial.dtype)
-      return jax.device_put(value, initial.sharding)
-
-    params = jax.tree_util.tree_map_with_path(take, self.state.params)
+    source_params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = traverse_util.unflatten_dict({
+        path_: jax.device_put(jnp.asarray(source_params.get(path_, initial), initial.dtype),
+                              initial.sharding)
+        for path_, initial in traverse_util.flatten_dict(self.state.params).items()})
     ema = jax.tree.map(jnp.copy, params)
     self.state = self.state.replace(params=params, ema=ema)
 
