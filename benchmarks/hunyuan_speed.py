@@ -30,8 +30,10 @@ A step's time depends only on its k, so every distinct k is compiled once and ti
 of `--runs` calls (after one warm-up call; the cache donated and chained). A budget's loop time is
 the sum over `--steps` (50) steps: step 0 is the dense cache-filling step, steps 1 .. 49 run
 k = round(theta * N) (uniform theta; effective mean (1 + 49 theta) / 50). The dense loop is 50
-dense forwards. Variants whose estimated time (compile + calls) would pass `--time-limit` (420 s)
-are skipped and listed, which keeps the whole run under 9 minutes.
+dense forwards. `--schedule FILE ...` adds the loop time of budget schedules (e.g. searched ones;
+a k = N step after the first counts the first step's time). Variants whose estimated time
+(compile + calls) would pass `--time-limit` (420 s) are skipped and listed, which keeps the whole
+run under 9 minutes.
 
     PYTHONPATH=. python3 benchmarks/hunyuan_speed.py [--budgets 0.7 0.5 0.4] [--runs 2]
     PYTHONPATH=. python3 benchmarks/hunyuan_speed.py --size 480x848 --frames 65
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--text-valid", type=int, default=None, help="valid text tokens (all)")
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.4])
+  parser.add_argument("--schedule", nargs="+", default=[], metavar="FILE",
+                      help="budget schedule JSON files (e.g. searched ones) whose loop time to "
+                           "report too; resampled to --steps where their length differs")
   parser.add_argument("--runs", type=int, default=2, help="timed calls per variant (median)")
   parser.add_argument("--delta-mode", default="sketch", choices=["sketch", "exact"])
   parser.add_argument("--selection", default="sort", choices=["sort", "radix"])
@@ -137,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
   valid = m if args.text_valid is None else args.text_valid
   if not 1 <= valid <= m:
     raise SystemExit(f"--text-valid {valid} must lie in [1, {m}]")
+  schedules = {}
+  for path in args.schedule:
+    schedule = BudgetSchedule.load(path)
+    if len(schedule) != args.steps:
+      schedule = schedule.resample(args.steps)
+    name = schedule.name or Path(path).stem
+    schedules[name if name not in schedules else Path(path).stem] = (path, schedule)
   config = HunyuanConfig.preset(preset)
   acfg = AstraeaConfig(delta_mode=args.delta_mode, selection=args.selection)
   b = 1
@@ -233,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
   # 3. Sparse steps, the smallest budget first (the most telling, if time runs out).
   ks = sorted({BudgetSchedule.uniform(args.steps, t).num_selected(1, n) for t in args.budgets})
+  schedule_ks = sorted({sch.num_selected(i, n) for _, sch in schedules.values()
+                        for i in range(1, args.steps)} - {n} - set(ks))
   finite = True
-  for k in [k for k in ks if 0 < k < n]:
+  for k in [k for k in ks if 0 < k < n] + schedule_ks:
     name = f"astraea k={k}"
     if not affordable(name, max_compile + (args.runs + 1) * dense_s * max(k / n, 0.3)):
       continue
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         times.append((time.perf_counter() - start) * 1e3)
     finite &= bool(jnp.isfinite(out).all())
     record(name, k, times, compile_s, temp)
-    if args.profile and k == ks[0]:
+    if args.profile and k in ks:
       (out, cache), profiles[name] = kernel_times(compiled, (*fixed, cache), args.profile,
                                                   label=name)
   memory["peak_after_sparse_steps"] = memory_stat("peak_bytes_in_use")
@@ -305,6 +319,18 @@ def main(argv: list[str] | None = None) -> int:
         else model_loop_s / total,
         "paper_speedup": PAPER["speedup"].get(f"{theta:g}")}
 
+  for name, (path, schedule) in schedules.items():
+    per = [first_ms if k == n else rows.get(f"astraea k={k}", {}).get("median_ms")
+           for k in (schedule.num_selected(i, n) for i in range(args.steps))]
+    total = None if None in per else sum(per) / 1e3
+    loops[f"schedule {name}"] = {
+        "file": str(path), "thetas": list(schedule.thetas), "k": "-", "mean": schedule.mean,
+        "effective_mean": schedule.effective_mean(n), "loop_s": total,
+        "speedup_vs_dense": None if total is None else dense_loop_s / total,
+        "speedup_vs_model_call": None if total is None or model_loop_s is None
+        else model_loop_s / total,
+        "paper_speedup": None}
+
   record_json = {
       "benchmark": "hunyuan_speed",
       "device": jax.devices()[0].device_kind,
@@ -324,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
       "batch": b,
       "steps": args.steps,
       "loop_time_method": "step 0: first (cache-filling) step; steps 1..S-1: median per-step time "
-                          "of that step's k; dense: S x dense forward (same attention path)",
+                          "of that step's k (k = N: the first step's time); dense: S x dense "
+                          "forward (same attention path)",
       "memory": {
           "estimate_gib": {k: gib(v) for k, v in estimate.items()},
           "device_limit_gib": gib(limit),
@@ -353,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{'budget':>8} {'k':>7} {'loop s':>8} {'x dense':>8} {'paper (A100)':>12}")
   print(f"{'dense':>8} {n:>7} {dense_loop_s:>8.1f} {1.0:>8.2f} {'1.00':>12}")
   for name, r in loops.items():
-    print(f"{name:>8} {r['k']:>7} {fmt(r['loop_s'], '8.1f'):>8} "
+    print(f"{name[:8]:>8} {r['k']:>7} {fmt(r['loop_s'], '8.1f'):>8} "
           f"{fmt(r['speedup_vs_dense'], '8.2f'):>8} {fmt(r['paper_speedup'], '.2f'):>12}")
   return 0
 

@@ -3,7 +3,8 @@
 ASTRAEA (arXiv 2506.05096, Table 1) reports, for OpenSora v1.2 at 4 s on an A100, 1.43x / 1.86x /
 2.31x end-to-end at budgets 70% / 50% / 40%. This measures the same budgets for this project's
 forward (`astraea_jax.acceleration.opensora_astraea`: K = round(theta * S) patch positions per
-block, in every frame) against this project's dense STDiT3.
+block, in every frame, rounded up to even as the loop adapter does) against this project's dense
+STDiT3. `--schedule FILE ...` adds the loop time of budget schedules (e.g. searched ones).
 
 Default: the full-size `opensora-v1.2` preset (STDiT3-XL/2, 1.1B parameters) with random weights
 built on the device, bf16, classifier-free guidance as batch 2, 300 caption tokens (all valid), at
@@ -45,7 +46,8 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration.config import AstraeaConfig
-from astraea_jax.acceleration.opensora_astraea import jit_opensora_astraea_step, num_positions
+from astraea_jax.acceleration.opensora_astraea import (K_MULTIPLE, jit_opensora_astraea_step,
+                                                      num_positions)
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.opensora import STDiT3, STDiT3Config
@@ -82,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="caption tokens (default: the preset's model_max_length)")
   parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
   parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.4])
+  parser.add_argument("--schedule", nargs="+", default=[], metavar="FILE",
+                      help="budget schedule JSON files (e.g. searched ones) whose loop time to "
+                           "report too; resampled to --steps where their length differs")
   parser.add_argument("--delta-mode", default="sketch", choices=["sketch", "exact"])
   parser.add_argument("--runs", type=int, default=None, help="timed calls per variant (default 3)")
   parser.add_argument("--time-limit", type=float, default=360.0,
                       help="seconds; later variants are skipped past it (partial results kept)")
   parser.add_argument("--profile", default=None, metavar="DIR",
-                      help="trace the dense forward and the smallest budget's step into DIR and "
-                           "print their GPU kernel time by kernel")
+                      help="trace the dense forward and each budget's step into DIR and "
+                           "store their GPU kernel time by kernel")
   parser.add_argument("--out", default=None,
                       help="JSON path (default results/opensora_speed-<device>.json)")
   args = parser.parse_args(argv)
@@ -101,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
   width = args.width or (96 if quick else 854)
   steps = args.steps or (4 if quick else 30)
   runs = args.runs or (1 if quick else 3)
+  schedules = {}
+  for path in args.schedule:
+    schedule = BudgetSchedule.load(path)
+    if len(schedule) != steps:
+      schedule = schedule.resample(steps)
+    name = schedule.name or Path(path).stem
+    schedules[name if name not in schedules else Path(path).stem] = (path, schedule)
 
   config = STDiT3Config.preset(preset)
   acfg = AstraeaConfig(delta_mode=args.delta_mode)
@@ -179,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
       times.append(ms)
       finite &= bool(jnp.isfinite(out).all())
     record(name, k, times[1:], cs, outputs_finite=finite)
-    if args.profile and k == ks[budgets[0]]:
+    if args.profile and k in ks.values():
       (_, cache), profiles[name] = kernel_times(compiled, (*fixed, cache), args.profile,
                                                 label=name)
 
   budgets = sorted(args.budgets)  # the most telling (smallest) first, in case time runs out
-  ks = {budget: BudgetSchedule.uniform(steps, budget).num_selected(1, s) for budget in budgets}
+  ks = {budget: BudgetSchedule.uniform(steps, budget).num_selected(1, s, multiple=K_MULTIPLE)
+        for budget in budgets}
   for budget in budgets:
     k = ks[budget]
     if f"astraea K={k}" in rows:
@@ -194,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
       continue
     if 0 < k < s:
       time_step(k, f"astraea K={k}")
+  schedule_ks = sorted({sch.num_selected(i, s, multiple=K_MULTIPLE)
+                        for _, sch in schedules.values() for i in range(1, steps)}
+                       - {0, s} - set(ks.values()))
+  for k in schedule_ks:
+    if time.perf_counter() > deadline:
+      print(f"time limit reached: skipping K={k} of the --schedule files", flush=True)
+      break
+    time_step(k, f"astraea K={k}")
   if time.perf_counter() < deadline:
     time_step(0, "astraea K=0")
   if time.perf_counter() < deadline:
@@ -218,13 +239,23 @@ def main(argv: list[str] | None = None) -> int:
                      "speedup_vs_dense": 1.0, "paper_speedup": None}}
   for budget in sorted(args.budgets, reverse=True):
     schedule = BudgetSchedule.uniform(steps, budget)
-    per = [step_ms(i, schedule.num_selected(i, s)) for i in range(steps)]
+    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE)) for i in range(steps)]
     total = None if None in per else sum(per) / 1e3
     loops[f"uniform {budget:g}"] = {
         "thetas": list(schedule.thetas), "k": ks[budget],
-        "effective_mean": schedule.effective_mean(s), "loop_s": total,
+        "effective_mean": schedule.effective_mean(s, multiple=K_MULTIPLE), "loop_s": total,
         "speedup_vs_dense": None if total is None else dense_loop_s / total,
         "paper_speedup": PAPER_SPEEDUP.get(round(budget, 6)),
+    }
+
+  for name, (path, schedule) in schedules.items():
+    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE)) for i in range(steps)]
+    total = None if None in per else sum(per) / 1e3
+    loops[f"schedule {name}"] = {
+        "file": str(path), "thetas": list(schedule.thetas), "mean": schedule.mean,
+        "effective_mean": schedule.effective_mean(s, multiple=K_MULTIPLE), "loop_s": total,
+        "speedup_vs_dense": None if total is None else dense_loop_s / total,
+        "paper_speedup": None,
     }
 
   record_json = {
@@ -269,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
   for name, r in rows.items():
     print(f"{name:>22} {r['k']:>6} {r['median_ms']:>9.2f}")
   fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-  print(f"{'schedule':>12} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'paper':>6}")
+  print(f"{'schedule':>24} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'paper':>6}")
   for name, r in loops.items():
-    print(f"{name:>12} {r.get('k', s):>6} {r['effective_mean']:>5.2f} "
+    print(f"{name[:24]:>24} {r.get('k', '-'):>6} {r['effective_mean']:>5.2f} "
           f"{fmt(r['loop_s'], '8.2f'):>8} {fmt(r['speedup_vs_dense'], '.2f'):>7} "
           f"{fmt(r['paper_speedup'], '.2f'):>6}")
   return 0

@@ -9,6 +9,7 @@ to listed key/value tiles. Implementations are chosen from `IMPLEMENTATIONS` /
 from pallas_kernels.attention import (
     BLOCK_SPARSE_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
+    SHORT_KEYS,
     block_sparse_attention,
     block_sparse_attention_reference,
     default_implementation,
@@ -20,6 +21,7 @@ from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning, default_tunin
 __all__ = [
     "BLOCK_SPARSE_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
+    "SHORT_KEYS",
     "TUNING_PRESETS",
     "AttentionTuning",
     "block_sparse_attention",

@@ -11,8 +11,8 @@ Each entry point validates its inputs and then calls one implementation from a r
 - "chunked": online softmax over key chunks in pure JAX; any backend, any float dtype.
 - "reference": the whole score matrix in float32; tests and small shapes only.
 
-The default is "mosaic_gpu" on a GPU of compute capability 9.x for bf16/fp16 inputs and "chunked"
-otherwise; `implementation=` overrides it and `interpret=True` runs the Mosaic GPU kernel in GPU
+The default is "mosaic_gpu" on a GPU of compute capability 9.x for bf16/fp16 inputs with at least
+`SHORT_KEYS` keys, and "chunked" otherwise; `implementation=` overrides it and `interpret=True` runs the Mosaic GPU kernel in GPU
 interpret mode on the CPU.
 """
 
@@ -35,6 +35,7 @@ from pallas_kernels.tuning import AttentionTuning, default_tuning
 __all__ = [
     "BLOCK_SPARSE_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
+    "SHORT_KEYS",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "default_implementation",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+# Below one 64-key tile the Mosaic GPU kernel's 128 x 128 tiles (and head dims padded to 64 or 128)
+# are mostly padding: OpenSora's temporal attention (30 keys, D = 72) did 3% useful work in them, and
+# the pads alone cost more than the attention. There one score tile per query block is small, so the
+# "chunked" einsum path is the faster one (benchmarks/NOTES-opensora-hunyuan.md).
+SHORT_KEYS = 64
 Interpret = bool | plgpu.InterpretGPUParams
 
 
@@ -148,13 +155,15 @@ def _hopper_present() -> bool:
   return device.platform == "gpu" and isinstance(capability, str) and capability.startswith("9.")
 
 
-def default_implementation(dtype, *, interpret: Interpret = False) -> str:
+def default_implementation(dtype, *, interpret: Interpret = False,
+                           num_keys: int | None = None) -> str:
   """"mosaic_gpu" for bf16/fp16 on a compute capability 9.x GPU (or when interpreting it), else
-  "chunked"."""
+  "chunked"; also "chunked" on the GPU for fewer than `SHORT_KEYS` keys (`num_keys`, if given)."""
   if interpret:
     return "mosaic_gpu"
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "mosaic_gpu" if half and _hopper_present() else "chunked"
+  short = num_keys is not None and num_keys < SHORT_KEYS
+  return "mosaic_gpu" if half and _hopper_present() and not short else "chunked"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,8 +205,8 @@ def _kv_len_array(kv_len, batch: int, nk: int) -> jax.Array | None:
   return jnp.clip(kv_len.astype(jnp.int32), 0, nk)
 
 
-def _lookup(registry, implementation, dtype, interpret):
-  name = implementation or default_implementation(dtype, interpret=interpret)
+def _lookup(registry, implementation, dtype, interpret, num_keys=None):
+  name = implementation or default_implementation(dtype, interpret=interpret, num_keys=num_keys)
   try:
     return registry[name]
   except KeyError:
@@ -221,7 +230,8 @@ def selected_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     scale: positive score scale, a Python number; defaults to `D ** -0.5`.
     kv_len: number of valid keys: an int, or a `[B]` integer array (one length per batch row,
       clipped into [0, Nk]). Keys at index >= kv_len are ignored. None means all Nk.
-    implementation: a key of `IMPLEMENTATIONS`; None picks `default_implementation(q.dtype)`.
+    implementation: a key of `IMPLEMENTATIONS`; None picks
+      `default_implementation(q.dtype, num_keys=Nk)`.
     tuning: tile sizes; None picks `default_tuning(D, Nk)`.
     interpret: run the Mosaic GPU kernel in GPU interpret mode (True, or `InterpretGPUParams`).
 
@@ -235,7 +245,7 @@ def selected_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     ValueError: bad shapes, scale, kv_len or implementation name; TypeError: bad dtypes.
   """
   scale, kv_len = _validate(q, k, v, scale, kv_len)
-  fn = _lookup(IMPLEMENTATIONS, implementation, q.dtype, interpret)
+  fn = _lookup(IMPLEMENTATIONS, implementation, q.dtype, interpret, num_keys=k.shape[1])
   tuning = tuning or default_tuning(q.shape[-1], k.shape[1])
   return fn(q, k, v, scale=scale, kv_len=kv_len, tuning=tuning, interpret=interpret)
 

@@ -239,6 +239,8 @@ def test_step_model_in_the_rflow_denoising_loop(model):
   assert isinstance(cache, TokenCache) and cache.batch_size == 2
   _assert_close(full, dense)
   assert [s.num_selected for s in half_model.stats] == [S, S // 2, 0]
+  odd = astraea(BudgetSchedule((1.0, 7 / S, 0.0, 1.0)))  # K = 7 runs as 8 (K_MULTIPLE = 2)
+  assert [odd.num_selected(i, (2, *LATENT)) for i in range(4)] == [S, 8, 0, S]
   assert np.isfinite(np.asarray(half)).all()
   err = np.linalg.norm(np.asarray(half - dense)) / np.linalg.norm(np.asarray(dense))
   assert err > 1e-3, err

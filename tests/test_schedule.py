@@ -40,6 +40,15 @@ def test_dense_then_mean_quantized_and_unreachable():
     BudgetSchedule.dense_then_mean(50, 0.1, dense_fraction=0.2)
 
 
+def test_num_selected_rounds_up_to_a_multiple():
+  s = BudgetSchedule((0.3, 0.3, 0.0, 0.95, 1.0))
+  assert [s.num_selected(i, 10, multiple=2) for i in range(5)] == [10, 4, 0, 10, 10]
+  assert [s.num_selected(i, 21, multiple=4) for i in range(5)] == [21, 8, 0, 20, 21]
+  assert s.effective_mean(10, multiple=2) == (10 + 4 + 0 + 10 + 10) / 50
+  with pytest.raises(ValueError, match="multiple"):
+    s.num_selected(1, 10, multiple=0)
+
+
 def test_num_selected_rounds_half_up_and_forces_step_zero_dense():
   assert num_selected_tokens(0.5, 5) == 3  # Python's round(2.5) would give 2
   assert num_selected_tokens(0.4, 32760) == 13104

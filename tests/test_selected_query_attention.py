@@ -186,6 +186,33 @@ def test_default_implementation():
   check_close(out, lse, *numpy_attention(q, k, v, 0.3), jnp.float32)
 
 
+def test_short_key_sequences_take_the_chunked_path(monkeypatch):
+  """On Hopper, fewer keys than one 64-key tile go to "chunked"; longer ones to the kernel."""
+  import pallas_kernels.attention as attention_module  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(attention_module, "_hopper_present", lambda: True)
+  choose = pk.default_implementation
+  assert choose(jnp.bfloat16) == "mosaic_gpu"
+  assert choose(jnp.bfloat16, num_keys=pk.SHORT_KEYS) == "mosaic_gpu"
+  assert choose(jnp.bfloat16, num_keys=pk.SHORT_KEYS - 1) == "chunked"
+  assert choose(jnp.float32, num_keys=4096) == "chunked"
+  assert choose(jnp.bfloat16, num_keys=30, interpret=True) == "mosaic_gpu"
+
+  called = []
+  for name in ("mosaic_gpu", "chunked"):
+    real = pk.IMPLEMENTATIONS[name]
+
+    def spy(*a, _name=name, _real=real, **kw):
+      called.append(_name)
+      return pk.IMPLEMENTATIONS["reference"](*a, **kw)
+
+    monkeypatch.setitem(pk.IMPLEMENTATIONS, name, spy)
+  for nk in (30, 64):
+    q, k, v = inputs("short", 2, 5, nk, 2, 8, jnp.bfloat16)
+    pk.selected_query_attention(q, k, v)
+  assert called == ["chunked", "mosaic_gpu"]
+
+
 def test_bad_inputs_raise():
   q, k, v = inputs("bad", 1, 4, 6, 2, 8, jnp.bfloat16)
   f = pk.selected_query_attention

@@ -78,6 +78,7 @@ from astraea_jax.acceleration.token_selection import (
 )
 
 __all__ = [
+    "K_MULTIPLE",
     "OpenSoraAstraeaStepModel",
     "jit_opensora_astraea_step",
     "num_positions",
@@ -85,6 +86,13 @@ __all__ = [
     "position_rows",
     "position_scores",
 ]
+
+
+# The loop adapter rounds a partial K up to an even count: on an H200 at 480p x 102 frames an odd K
+# (795, 1,113, 1,431 of S = 1,590) ran ~25-35 ms per step slower than the even K next to it
+# (796: 371 ms, 1,114: 484 ms against 795: 378, 1,113: 495 on a faster card), for at most one more
+# position (benchmarks/NOTES-opensora-hunyuan.md).
+K_MULTIPLE = 2
 
 
 def num_positions(patch_size: tuple[int, int, int], latents_shape: tuple[int, ...]) -> int:
@@ -295,8 +303,9 @@ class OpenSoraAstraeaStepModel:
     self._jitted = jit_opensora_astraea_step(self._graphdef, config=config)
 
   def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
-    """K of step `step_index` for latents of this shape."""
-    return self.schedule.num_selected(step_index, num_positions(self._patch_size, latents_shape))
+    """K of step `step_index` for latents of this shape (rounded up to `K_MULTIPLE`)."""
+    return self.schedule.num_selected(step_index, num_positions(self._patch_size, latents_shape),
+                                      multiple=K_MULTIPLE)
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:

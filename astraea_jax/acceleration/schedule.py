@@ -161,18 +161,23 @@ class BudgetSchedule:
       raise IndexError(f"{step=} is outside this {len(self.thetas)}-step schedule")
     return self.thetas[step]
 
-  def num_selected(self, step: int, num_tokens: int) -> int:
+  def num_selected(self, step: int, num_tokens: int, *, multiple: int = 1) -> int:
     """Tokens computed per block at `step`: `round(theta_step * N)`; step 0 is forced dense.
 
     Each distinct value compiles the accelerated forward once, so a schedule on the paper's 0.1 grid
-    compiles at most 11 variants.
+    compiles at most 11 variants. `multiple` > 1 rounds a partial k up to a multiple of it (capped
+    at N; 0 stays 0), for forwards whose kernels run faster on aligned lengths.
     """
+    if multiple < 1:
+      raise ValueError(f"{multiple=} must be positive")
     k = num_selected_tokens(self.theta(step), num_tokens)
-    return num_tokens if step == 0 else k
+    if step == 0:
+      return num_tokens
+    return min(num_tokens, -(-k // multiple) * multiple)
 
-  def effective_mean(self, num_tokens: int) -> float:
+  def effective_mean(self, num_tokens: int, *, multiple: int = 1) -> float:
     """Mean fraction of tokens actually computed, after rounding k and forcing step 0 dense."""
-    ks = [self.num_selected(s, num_tokens) for s in range(len(self.thetas))]
+    ks = [self.num_selected(s, num_tokens, multiple=multiple) for s in range(len(self.thetas))]
     return sum(ks) / (num_tokens * len(ks))
 
   # -- JSON --------------------------------------------------------------------------------------
