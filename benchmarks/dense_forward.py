@@ -18,6 +18,7 @@ Writes benchmarks/results/dense_forward-<device>.json (device, versions, date, c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -132,10 +133,8 @@ def main(argv: list[str] | None = None) -> int:
   variants = [(impl, fuse, None) for impl in impls
               for fuse in ((True, False) if args.compare_unfused else (base.fuse_projections,))]
   variants += [("pallas", base.fuse_projections, spec) for spec in args.attention_tuning]
-  default_tuning = pallas_kernels.TUNING_PRESETS["default"]
-  for impl, fuse, spec in variants:
-    # The model takes the kernel's default preset; a swept tuning stands in for it while traced.
-    pallas_kernels.TUNING_PRESETS["default"] = parse_tuning(spec) if spec else default_tuning
+
+  def run_variant(impl, fuse, spec):
     label = f"{impl}[{spec}]" if spec else impl
     cfg = dataclasses.replace(base, attention_impl=impl, fuse_projections=fuse)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda cfg=cfg: WanTransformer3DModel(cfg,
@@ -169,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
       results.append(row)
       print(json.dumps({k: v for k, v in row.items() if k != "runs_ms"}), flush=True)
       del latents, context, out
-  pallas_kernels.TUNING_PRESETS["default"] = default_tuning
+
+  for impl, fuse, spec in variants:
+    # The model takes the kernel's default preset; a swept tuning stands in for it while traced.
+    override = (pallas_kernels.preset_override("default", parse_tuning(spec)) if spec
+                else contextlib.nullcontext())
+    with override:
+      run_variant(impl, fuse, spec)
 
   breakdown = {}
   if args.breakdown:

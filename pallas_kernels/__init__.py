@@ -16,7 +16,7 @@ from pallas_kernels.attention import (
     selected_query_attention,
     selected_query_attention_reference,
 )
-from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning, default_tuning
+from pallas_kernels.tuning import TUNING_PRESETS, AttentionTuning, default_tuning, preset_override
 
 __all__ = [
     "BLOCK_SPARSE_IMPLEMENTATIONS",
@@ -28,6 +28,7 @@ __all__ = [
     "block_sparse_attention_reference",
     "default_implementation",
     "default_tuning",
+    "preset_override",
     "selected_query_attention",
     "selected_query_attention_reference",
 ]

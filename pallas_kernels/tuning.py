@@ -6,9 +6,11 @@ One dataclass serves both implementations: the Mosaic GPU kernel reads `block_q`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
-__all__ = ["AttentionTuning", "TUNING_PRESETS", "default_tuning"]
+__all__ = ["AttentionTuning", "TUNING_PRESETS", "default_tuning", "preset_override"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +108,22 @@ def default_tuning(head_dim: int, num_keys: int) -> AttentionTuning:
     return -(-num_keys // tuning.block_kv) * tuning.block_kv
 
   return short if padded(short) < 0.98 * padded(default) else default
+
+
+@contextlib.contextmanager
+def preset_override(name: str, tuning: AttentionTuning) -> Iterator[None]:
+  """Within the block, `TUNING_PRESETS[name]` is `tuning` (restored on exit, also on error).
+
+  For benchmarks that sweep a preset through code that calls the kernels without a `tuning`
+  argument (a model's forward): the override must be active while that code is traced.
+  """
+  if name not in TUNING_PRESETS:
+    raise KeyError(f"unknown tuning preset {name=}; choose from {sorted(TUNING_PRESETS)}")
+  if not isinstance(tuning, AttentionTuning):
+    raise TypeError(f"tuning must be an AttentionTuning; got {type(tuning).__name__}")
+  saved = TUNING_PRESETS[name]
+  TUNING_PRESETS[name] = tuning
+  try:
+    yield
+  finally:
+    TUNING_PRESETS[name] = saved

@@ -213,6 +213,22 @@ def test_short_key_sequences_take_the_chunked_path(monkeypatch):
   assert called == ["chunked", "mosaic_gpu"]
 
 
+def test_preset_override_is_scoped():
+  before = pk.TUNING_PRESETS["default"]
+  swept = dataclasses.replace(before, block_kv=64)
+  with pytest.raises(RuntimeError, match="inside"):
+    with pk.preset_override("default", swept):
+      assert pk.default_tuning(128, 32760) is swept
+      raise RuntimeError("inside")
+  assert pk.TUNING_PRESETS["default"] is before
+  with pytest.raises(KeyError, match="unknown tuning preset"):
+    with pk.preset_override("fastest", swept):
+      pass
+  with pytest.raises(TypeError, match="AttentionTuning"):
+    with pk.preset_override("default", {"block_kv": 64}):
+      pass
+
+
 def test_bad_inputs_raise():
   q, k, v = inputs("bad", 1, 4, 6, 2, 8, jnp.bfloat16)
   f = pk.selected_query_attention
