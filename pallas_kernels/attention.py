@@ -12,8 +12,8 @@ Each entry point validates its inputs and then calls one implementation from a r
 - "reference": the whole score matrix in float32; tests and small shapes only.
 
 The default is "mosaic_gpu" on a GPU of compute capability 9.x for bf16/fp16 inputs with at least
-`SHORT_KEYS` keys, and "chunked" otherwise; `implementation=` overrides it and `interpret=True` runs the Mosaic GPU kernel in GPU
-interpret mode on the CPU.
+`SHORT_KEYS` keys, and "chunked" otherwise; `implementation=` overrides it and `interpret=True` runs
+the Mosaic GPU kernel in GPU interpret mode on the CPU.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ __all__ = [
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
-# Below one 64-key tile the Mosaic GPU kernel's 128 x 128 tiles (and head dims padded to 64 or 128)
-# are mostly padding: OpenSora's temporal attention (30 keys, D = 72) did 3% useful work in them, and
-# the pads alone cost more than the attention. There one score tile per query block is small, so the
-# "chunked" einsum path is the faster one (benchmarks/NOTES-opensora-hunyuan.md).
+# Below one 64-key tile the Mosaic GPU kernel's 128 x 128 tiles (head dims padded to 64 or 128)
+# are mostly padding: OpenSora's temporal attention (30 keys, D = 72) did 3% useful work in them,
+# and the pads cost more than the attention. One small score tile per query block in the "chunked"
+# einsum path is faster there: 1.44 against 4.17 ms on an H200
+# (benchmarks/NOTES-opensora-hunyuan.md).
 SHORT_KEYS = 64
 Interpret = bool | plgpu.InterpretGPUParams
 

@@ -88,10 +88,10 @@ __all__ = [
 ]
 
 
-# The loop adapter rounds a partial K up to an even count: on an H200 at 480p x 102 frames an odd K
-# (795, 1,113, 1,431 of S = 1,590) ran ~25-35 ms per step slower than the even K next to it
-# (796: 371 ms, 1,114: 484 ms against 795: 378, 1,113: 495 on a faster card), for at most one more
-# position (benchmarks/NOTES-opensora-hunyuan.md).
+# The loop adapter rounds a partial K up to an even count, at the cost of at most one more position:
+# on an H200 at 480p x 102 frames each odd K (477, 795, 1,113, 1,431 of S = 1,590) ran 11-35 ms per
+# step above the line through the even ones, and K = 796 / 1,114 ran 1.72x / 1.32x faster than the
+# dense step where 795 / 1,113 ran 1.63x / 1.25x (benchmarks/NOTES-opensora-hunyuan.md).
 K_MULTIPLE = 2
 
 
