@@ -51,7 +51,8 @@ from astraea_jax.acceleration.config import AstraeaConfig
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.wan import WanConfig
-from benchutil import RESULTS as _RESULTS, build_state, device_slug  # noqa: E402  (script dir)
+from benchutil import (RESULTS as _RESULTS, build_state, device_slug,  # noqa: E402  (script dir)
+                       load_schedules)
 
 _DIFFUSERS_MS = 623.0  # diffusers 0.42.1 + PyTorch 2.11, bf16, batch 1, H100 (../shared/DESIGN.md)
 
@@ -162,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
       s = BudgetSchedule.dense_then_mean(args.steps, budget, dense_fraction=args.dense_fraction)
       schedules[f"dense {args.dense_fraction:.0%} then {s.thetas[-1]:g} (mean {budget:g})"] = s
-  for path in args.schedule:
-    loaded = BudgetSchedule.load(path).resample(args.steps, mode=args.resample)
-    schedules[f"{path.stem} (mean {loaded.mean:.3f})"] = loaded
+  for name, (_, loaded) in load_schedules(args.schedule, args.steps, args.resample).items():
+    schedules[f"{name} (mean {loaded.mean:.3f})"] = loaded
   # Most telling first (the smallest budget), in case the time limit cuts the list short.
   sparse_ks = []
   for s in sorted(schedules.values(), key=lambda s: s.mean):

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +37,17 @@ def parse_tuning(spec: str):
   if len(rest) > 1:
     kwargs["compute_registers"] = rest[1]
   return pk.AttentionTuning(block_q=bq, block_kv=bkv, stages=stages, **kwargs)
+
+
+def load_schedules(paths, steps: int,
+                   mode: str = "repeat") -> dict[str, tuple[Path, BudgetSchedule]]:
+  """`--schedule` files by file stem (the path where two stems agree): `(path, schedule)`, each
+  resampled to `steps` (`BudgetSchedule.resample`, identity at the same length)."""
+  out = {}
+  for path in map(Path, paths):
+    out[path.stem if path.stem not in out else str(path)] = (
+        path, BudgetSchedule.load(path).resample(steps, mode=mode))
+  return out
 
 
 def init_on_device(make):

@@ -68,7 +68,7 @@ from astraea_jax.models.hunyuan import HunyuanConfig, HunyuanVideoTransformer3DM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchutil import (RESULTS, device_slug, init_on_device,  # noqa: E402  pylint: disable=wrong-import-position
-                       kernel_times)
+                       kernel_times, load_schedules)
 
 PAPER = {"setting": "HunyuanVideo, 5 s video, A100, end to end",
          "speedup": {"0.7": 1.39, "0.5": 1.93, "0.4": 2.38}}
@@ -142,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
   valid = m if args.text_valid is None else args.text_valid
   if not 1 <= valid <= m:
     raise SystemExit(f"--text-valid {valid} must lie in [1, {m}]")
-  schedules = {}
-  for path in args.schedule:
-    schedule = BudgetSchedule.load(path)
-    if len(schedule) != args.steps:
-      schedule = schedule.resample(args.steps)
-    name = schedule.name or Path(path).stem
-    schedules[name if name not in schedules else Path(path).stem] = (path, schedule)
+  schedules = load_schedules(args.schedule, args.steps)
   config = HunyuanConfig.preset(preset)
   acfg = AstraeaConfig(delta_mode=args.delta_mode, selection=args.selection)
   b = 1
@@ -377,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
   for name, r in rows.items():
     print(f"{name:>26} {r['k']:>7} {r['median_ms']:>9.1f}")
   fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-  print(f"{'budget':>8} {'k':>7} {'loop s':>8} {'x dense':>8} {'paper (A100)':>12}")
-  print(f"{'dense':>8} {n:>7} {dense_loop_s:>8.1f} {1.0:>8.2f} {'1.00':>12}")
+  w = max([8, *map(len, loops)])
+  print(f"{'budget':>{w}} {'k':>7} {'loop s':>8} {'x dense':>8} {'paper (A100)':>12}")
+  print(f"{'dense':>{w}} {n:>7} {dense_loop_s:>8.1f} {1.0:>8.2f} {'1.00':>12}")
   for name, r in loops.items():
-    print(f"{name[:8]:>8} {r['k']:>7} {fmt(r['loop_s'], '8.1f'):>8} "
+    print(f"{name:>{w}} {r['k']:>7} {fmt(r['loop_s'], '8.1f'):>8} "
           f"{fmt(r['speedup_vs_dense'], '8.2f'):>8} {fmt(r['paper_speedup'], '.2f'):>12}")
   return 0
 

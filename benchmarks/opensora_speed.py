@@ -52,7 +52,7 @@ from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.opensora import STDiT3, STDiT3Config
 from benchutil import (RESULTS as _RESULTS, device_slug, init_on_device,  # noqa: E402
-                       kernel_times)
+                       kernel_times, load_schedules)
 
 # Table 1 of the paper: OpenSora v1.2, 4 s, A100, end-to-end speedup at each budget.
 PAPER_SPEEDUP = {0.7: 1.43, 0.5: 1.86, 0.4: 2.31}
@@ -106,13 +106,7 @@ def main(argv: list[str] | None = None) -> int:
   width = args.width or (96 if quick else 854)
   steps = args.steps or (4 if quick else 30)
   runs = args.runs or (1 if quick else 3)
-  schedules = {}
-  for path in args.schedule:
-    schedule = BudgetSchedule.load(path)
-    if len(schedule) != steps:
-      schedule = schedule.resample(steps)
-    name = schedule.name or Path(path).stem
-    schedules[name if name not in schedules else Path(path).stem] = (path, schedule)
+  schedules = load_schedules(args.schedule, steps)
 
   config = STDiT3Config.preset(preset)
   acfg = AstraeaConfig(delta_mode=args.delta_mode)
@@ -300,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
   for name, r in rows.items():
     print(f"{name:>22} {r['k']:>6} {r['median_ms']:>9.2f}")
   fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-  print(f"{'schedule':>24} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'paper':>6}")
+  w = max(map(len, loops))
+  print(f"{'schedule':>{w}} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'paper':>6}")
   for name, r in loops.items():
-    print(f"{name[:24]:>24} {r.get('k', '-'):>6} {r['effective_mean']:>5.2f} "
+    print(f"{name:>{w}} {r.get('k', '-'):>6} {r['effective_mean']:>5.2f} "
           f"{fmt(r['loop_s'], '8.2f'):>8} {fmt(r['speedup_vs_dense'], '.2f'):>7} "
           f"{fmt(r['paper_speedup'], '.2f'):>6}")
   return 0
