@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m astraea_jax.search",
       description="Search the per-step token budget schedule (theta_t on a 0.1 grid, mean within "
-                  "+-10%% of --budget) that keeps ASTRAEA's output closest to the dense model's.",
+                  "--tolerance of --budget) that keeps ASTRAEA's output closest to the dense model's.",
       epilog="The schedule file is read by `python -m astraea_jax.generate --schedule FILE` (with "
              "the same --steps).")
   g = p.add_argument_group("what to search")
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                  help="target mean theta over the steps, in (0, 1] (default 0.5)")
   g.add_argument("--tolerance", type=float, default=0.1,
-                 help="allowed relative deviation of the mean from --budget (default 0.1)")
+                 help="allowed relative deviation of the mean from --budget (default 0.1, the paper's "
+                      "+-10%%; 0 holds the mean at --budget exactly, so the run time is the "
+                      "budget's)")
   g.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                  help="calibration prompts, one per line (default: --num-prompts captions of the "
                       "default model's grammar)")
