@@ -371,8 +371,10 @@ def run(argv: list[str] | None = None) -> int:
 
   stats = result.denoise_stats
   n_tokens = result.num_tokens
+  computed = (result.computed_fraction if result.computed_fraction is not None
+              else None if schedule is None else schedule.effective_mean(n_tokens))
   budget = "dense" if schedule is None else (
-      f"budget {schedule.mean:.2f} (first step dense: {schedule.effective_mean(n_tokens):.2f} of "
+      f"budget {schedule.mean:.2f} (first step dense: {computed:.2f} of "
       f"N={n_tokens} tokens computed on average)")
   if peer is not None:
     budget = f"{args.method} {_knobs(peer)}" + ("" if schedule is None else f" around {budget}")

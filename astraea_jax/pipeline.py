@@ -98,6 +98,18 @@ class GenerationConfig:
       raise GenerationError(f"{self.solver=} must be 'unipc' or 'euler'")
 
 
+def computed_fraction(step_model: Any, latents_shape: tuple[int, ...],
+                      num_steps: int) -> float | None:
+  """Mean over `num_steps` of the fraction of tokens `step_model` computes per block, with k as the
+  model rounds it (OpenSora to even positions, a sequence-sharded Wan to the shard count); None for
+  a model without a token budget. Step 0 is dense, so its k is the model's token count."""
+  num_selected = getattr(step_model, "num_selected", None)
+  if num_selected is None:
+    return None
+  ks = [num_selected(i, latents_shape) for i in range(num_steps)]
+  return sum(ks) / (ks[0] * num_steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
   """Frames `[B, F, H, W, 3]` uint8, the final latents `[B, C, T, Y, X]`, and timings."""
@@ -112,6 +124,8 @@ class GenerationResult:
   # What the step model computed per step (`method_stats.StepRecord`), when it keeps records.
   step_records: tuple[StepRecord, ...] | None = None
   num_layers: int = 0
+  # Mean over the steps of the fraction of tokens computed per block, as the step model rounds k.
+  computed_fraction: float | None = None
 
   @property
   def total_seconds(self) -> float:
@@ -327,4 +341,5 @@ class WanPipeline:
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
                             self.num_tokens(cfg), schedule,
                             None if records is None else tuple(records),
-                            self.transformer.config.num_layers)
+                            self.transformer.config.num_layers,
+                            computed_fraction=computed_fraction(step_model, noise.shape, cfg.steps))

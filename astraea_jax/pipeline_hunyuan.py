@@ -38,8 +38,8 @@ from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule
 from astraea_jax.acceleration.hunyuan_astraea import HunyuanAstraeaStepModel
 from astraea_jax.models import clip_text, hunyuan_vae, llama_text
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
-                                  check_sampling_fields, check_single_device, initial_noise,
-                                  to_frames)
+                                  check_sampling_fields, check_single_device, computed_fraction,
+                                  initial_noise, to_frames)
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowEulerScheduler
 
@@ -295,5 +295,6 @@ class HunyuanPipeline:
     decode_seconds = time.perf_counter() - start
     frames = to_frames(video)  # [B, F, H, W, 3]
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
-                            self.num_tokens(cfg), schedule)
+                            self.num_tokens(cfg), schedule,
+                            computed_fraction=computed_fraction(step_model, noise.shape, cfg.steps))
 

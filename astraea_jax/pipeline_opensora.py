@@ -41,8 +41,8 @@ from flax import nnx
 
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule, opensora_astraea
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
-                                  check_sampling_fields, check_single_device, initial_noise,
-                                  to_frames)
+                                  check_sampling_fields, check_single_device, computed_fraction,
+                                  initial_noise, to_frames)
 from astraea_jax.sampling import rflow
 from astraea_jax.sampling.loop import denoise
 
@@ -238,7 +238,8 @@ class OpenSoraPipeline:
     decode_seconds = time.perf_counter() - start
     frames = to_frames(video)  # [B, F, H, W, 3]
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
-                            self.num_tokens(cfg), schedule)
+                            self.num_tokens(cfg), schedule,
+                            computed_fraction=computed_fraction(step_model, noise.shape, cfg.steps))
 
 
 # -- folders --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ def test_default_run_writes_playable_video_and_preview(tmp_path):
   r = _run(tmp_path, "--steps", "3", "--budget", "0.5", "--out", "clip.mp4", "--save-latents")
   assert r.returncode == 0, r.stderr
   assert "wrote clip.mp4" in r.stdout and "budget 0.5" in r.stdout
+  assert "first step dense: 0.67 of N=" in r.stdout  # (1 + 0.5 + 0.5) / 3 of the tokens
   frames = video.read_video(tmp_path / "clip.mp4")
   assert frames.shape == (17, 64, 64, 3)
   assert (tmp_path / "clip.gif").stat().st_size > 0

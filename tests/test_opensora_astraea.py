@@ -21,6 +21,7 @@ from astraea_jax.acceleration.opensora_astraea import (
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import TokenCache
 from astraea_jax.acceleration.token_selection import reduce_heads
+from astraea_jax.pipeline import computed_fraction
 from astraea_jax.sampling import loop, rflow
 from checkpoints_convert import opensora as convert_opensora
 
@@ -241,6 +242,10 @@ def test_step_model_in_the_rflow_denoising_loop(model):
   assert [s.num_selected for s in half_model.stats] == [S, S // 2, 0]
   odd = astraea(BudgetSchedule((1.0, 7 / S, 0.0, 1.0)))  # K = 7 runs as 8 (K_MULTIPLE = 2)
   assert [odd.num_selected(i, (2, *LATENT)) for i in range(4)] == [S, 8, 0, S]
+  # The generate summary's mean counts the even K the model runs, not the schedule's 7.
+  assert computed_fraction(odd, (2, *LATENT), 4) == pytest.approx((2 * S + 8) / (4 * S))
+  assert computed_fraction(odd, (2, *LATENT), 4) > odd.schedule.effective_mean(S)
+  assert computed_fraction(dense_step, (2, *LATENT), 4) is None
   assert np.isfinite(np.asarray(half)).all()
   err = np.linalg.norm(np.asarray(half - dense)) / np.linalg.norm(np.asarray(dense))
   assert err > 1e-3, err
