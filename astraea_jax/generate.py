@@ -371,11 +371,13 @@ def run(argv: list[str] | None = None) -> int:
 
   stats = result.denoise_stats
   n_tokens = result.num_tokens
-  computed = (result.computed_fraction if result.computed_fraction is not None
-              else None if schedule is None else schedule.effective_mean(n_tokens))
-  budget = "dense" if schedule is None else (
-      f"budget {schedule.mean:.2f} (first step dense: {computed:.2f} of "
-      f"N={n_tokens} tokens computed on average)")
+  budget = "dense"
+  if schedule is not None:
+    computed = result.computed_fraction
+    if computed is None:  # a peer method around the schedule: its step model rounds no k
+      computed = schedule.effective_mean(n_tokens)
+    budget = (f"budget {schedule.mean:.2f} (first step dense: {computed:.2f} of N={n_tokens} "
+              f"tokens computed on average)")
   if peer is not None:
     budget = f"{args.method} {_knobs(peer)}" + ("" if schedule is None else f" around {budget}")
   if result.step_records is not None:
