@@ -205,7 +205,8 @@ def step_method(config: PeerConfig, *, schedule: BudgetSchedule | None = None,
   def inner(model, context):
     if schedule is None:
       return DenseStepModel(model, context)
-    return AstraeaStepModel(model, schedule, context, config=astraea)
+    # The wrappers leave steps out, so a dense step cannot know which steps read its cache.
+    return AstraeaStepModel(model, schedule, context, config=astraea, lookahead=False)
 
   def build(model, context, *, num_steps):
     if schedule is not None and len(schedule) != num_steps:

@@ -221,6 +221,61 @@ def test_step_model_threads_the_cache_through_a_loop(model):
     step_model(latents[:1], jnp.float32(1.0), None, 0)
 
 
+def _spy_refresh(step_model):
+  """Records the `refresh_cache` of every call of the step model's jitted forward."""
+  calls, jitted = [], step_model._jitted  # pylint: disable=protected-access
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["refresh_cache"])
+    return jitted(*args, **kwargs)
+
+  step_model._jitted = spy  # pylint: disable=protected-access
+  return calls
+
+
+def _run_steps(step_model, latents, num_steps):
+  carry, outs = None, []
+  for step in range(num_steps):
+    out, carry = step_model(latents, jnp.float32(1000.0 - 150.0 * step), carry, step)
+    outs.append(out)
+    latents = latents - 0.05 * out
+  return outs, carry
+
+
+def test_dense_step_skips_the_cache_writes_no_later_step_reads(model):
+  latents, context = _inputs(8)
+  # Step 1 is followed by a skip and a dense step: it keeps only the last block's output. Step 3
+  # is followed by a partial step, which reads every block's cache; step 6 is the last.
+  schedule = BudgetSchedule((1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 1.0))
+  lazy = AstraeaStepModel(model, schedule, context, timed=True)
+  calls = _spy_refresh(lazy)
+  outs, cache = _run_steps(lazy, latents, len(schedule))
+  assert calls == [True, False, True, True, True, True, False]
+  assert [s.first_call for s in lazy.stats] == [True, True, True, True, True, False, False]
+  eager = AstraeaStepModel(model, schedule, context, lookahead=False)
+  calls = _spy_refresh(eager)
+  reference, _ = _run_steps(eager, latents, len(schedule))
+  assert all(calls)
+  for a, b in zip(outs, reference):
+    _assert_close(a, b)
+  assert isinstance(cache, TokenCache) and cache.num_layers == model.config.num_layers
+
+
+def test_light_dense_step_writes_only_the_last_block(model):
+  (s0, s1, _), context = _steps(seed=12)
+  _, cache0 = _forward(model, s0[0], s0[1], context, None, N)
+  light = nnx.jit(functools.partial(astraea_forward, num_selected=N, refresh_cache=False))
+  out, cache = light(model, s1[0], s1[1], context, cache0)
+  full, cache_full = _forward(model, s1[0], s1[1], context, cache0, N)
+  _assert_close(out, _dense(model, s1[0], s1[1], context))
+  _assert_close(out, full)
+  _assert_close(cache.out[-1], cache_full.out[-1])
+  for name in ("in_ref", "lse", "skips"):
+    np.testing.assert_array_equal(getattr(cache, name), getattr(cache0, name))
+  np.testing.assert_array_equal(cache.out[:-1], cache0.out[:-1])
+  assert np.abs(np.asarray(cache.out[-1] - cache0.out[-1])).max() > 1e-3
+
+
 def test_carried_input_matches_in_place_input(model):
   # `inplace_input` only changes where each block reads its input from, not the result.
   (s0, s1, s2), context = _steps(seed=9)

@@ -220,6 +220,30 @@ def test_zero_budget_reuses_the_cache(model):
   np.testing.assert_array_equal(cache.skips, 1)
 
 
+def test_light_dense_step_writes_only_the_last_block(model):
+  steps, cond = _inputs(model, seed=4)
+  _, cache0 = _forward(model, *steps[0], cond, None, k=N)
+  text, mask, pooled, guidance = cond
+  light = nnx.jit(functools.partial(hunyuan_astraea_forward, num_selected=N, refresh_cache=False))
+  out, cache = light(model, *steps[1], text, mask, pooled, guidance, cache0)
+  full, cache_full = _forward(model, *steps[1], cond, cache0, k=N)
+  _assert_close(out, _dense(model, *steps[1], cond))
+  _assert_close(out, full)
+  _assert_close(cache.out[-1], cache_full.out[-1])
+  np.testing.assert_array_equal(cache.out[:-1], cache0.out[:-1])
+  np.testing.assert_array_equal(cache.lse, cache0.lse)
+  # The step model picks the light path where no partial step follows before a dense one.
+  schedule = BudgetSchedule((1.0, 1.0, 0.0, 1.0, 0.5))
+  step_model = HunyuanAstraeaStepModel(model, schedule, text, pooled, text_mask=mask,
+                                       guidance=6000.0)
+  calls, jitted = [], step_model._jitted  # pylint: disable=protected-access
+  step_model._jitted = lambda *a, **kw: calls.append(kw["refresh_cache"]) or jitted(*a, **kw)
+  carry = None
+  for i in range(len(schedule)):
+    _, carry = step_model(steps[0][0], jnp.float32(900.0 - 100 * i), carry, i)
+  assert calls == [True, False, True, True, True]
+
+
 def test_bad_budgets(model):
   steps, cond = _inputs(model)
   latents, t = steps[0]

@@ -197,6 +197,20 @@ def test_pure_cache_step(model):
   np.testing.assert_array_equal(np.asarray(cache.skips), before.skips + 1)
 
 
+def test_light_dense_step_writes_only_the_last_block(model):
+  (s0, s1, _), (y, mask) = _steps(model, seed=3)
+  _, cache0 = _forward(model, s0[0], s0[1], y, mask, None, k=S)
+  light = nnx.jit(functools.partial(opensora_astraea_forward, fps=FPS, height=HEIGHT, width=WIDTH,
+                                    num_selected=S, refresh_cache=False))
+  out, cache = light(model, s1[0], s1[1], y, mask, cache=cache0)
+  full, cache_full = _forward(model, s1[0], s1[1], y, mask, cache0, k=S)
+  _assert_close(out, _dense(model, s1[0], s1[1], y, mask))
+  _assert_close(out, full)
+  _assert_close(cache.out[-1], cache_full.out[-1])
+  np.testing.assert_array_equal(cache.out[:-1], cache0.out[:-1])
+  np.testing.assert_array_equal(cache.lse, cache0.lse)
+
+
 def test_bad_calls_raise(model):
   (s0, s1, _), (y, mask) = _steps(model)
   with pytest.raises(ValueError, match="first step of a run must be dense"):
@@ -250,5 +264,12 @@ def test_step_model_in_the_rflow_denoising_loop(model):
   err = np.linalg.norm(np.asarray(half - dense)) / np.linalg.norm(np.asarray(dense))
   assert err > 1e-3, err
   assert int(jnp.max(cache_half.skips)) == 2  # skipped at step 1, and every token at step 2
+  # Dense steps that no partial step follows keep only the last block's output: same result.
+  mixed = BudgetSchedule((1.0, 1.0, 0.0))
+  calls, lazy = [], astraea(mixed)
+  jitted = lazy._jitted  # pylint: disable=protected-access
+  lazy._jitted = lambda *a, **kw: calls.append(kw["refresh_cache"]) or jitted(*a, **kw)
+  _assert_close(run(lazy)[0], run(astraea(mixed, lookahead=False))[0])
+  assert calls == [True, False, True]
   with pytest.raises(ValueError, match="caption batch"):
     half_model(latents, jnp.float32(1.0), None, 0)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from astraea_jax import parallel
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule, jit_astraea_step
+from astraea_jax.acceleration.astraea import AstraeaStepModel
 from astraea_jax.acceleration.token_selection import select_top_k
 from astraea_jax.models import attention as attention_lib
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel
@@ -187,6 +188,41 @@ def test_sharded_astraea_matches_per_shard_reference(num_devices, split):
   if p > 1:
     with pytest.raises(ValueError, match="multiple of the seq axis"):
       sharded(sharded_state, *parallel.place_inputs(mesh, *_inputs()), cache, num_selected=p + 1)
+
+
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_sharded_light_dense_steps_match_one_device(num_devices, split):
+  """A whole-step schedule on the sharded step model: the dense steps that no partial step
+  follows (1 and 6) keep only the last block's output, and every output equals the one-device
+  step model that refreshes the whole cache at every dense step."""
+  graphdef, _ = split
+  model = nnx.merge(*split)
+  mesh = parallel.make_mesh(parallel.MeshConfig(num_devices=num_devices))
+  p = mesh_lib.seq_size(mesh)
+  schedule = BudgetSchedule((1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 1.0))
+  latents, _, context = _inputs()
+  sharded = parallel.ShardedAstraeaStepModel(model, schedule, context, mesh)
+  calls, jitted = [], sharded._jitted  # pylint: disable=protected-access
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["refresh_cache"])
+    return jitted(*args, **kwargs)
+
+  sharded._jitted = spy  # pylint: disable=protected-access
+  reference = AstraeaStepModel(
+      model, schedule, context, config=AstraeaConfig(selection_chunks=p), lookahead=False)
+  carry = carry_ref = None
+  x = x_ref = latents
+  for step in range(len(schedule)):
+    timestep = jnp.float32(1000.0 - 150.0 * step)
+    out, carry = sharded(x, timestep, carry, step)
+    want, carry_ref = reference(x_ref, timestep, carry_ref, step)
+    _assert_close(out, want)
+    x, x_ref = x - 0.05 * out, x_ref - 0.05 * want
+  assert calls == [True, False, True, True, True, True, False]
+  assert carry.out.sharding.is_equivalent_to(
+      parallel.sharding(mesh, "layers", "batch", "tokens", "channels"), 4)
+  _assert_close(carry.out[-1], carry_ref.out[-1])
 
 
 # -- the pipeline ----------------------------------------------------------------------------------

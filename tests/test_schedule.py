@@ -49,6 +49,17 @@ def test_num_selected_rounds_up_to_a_multiple():
     s.num_selected(1, 10, multiple=0)
 
 
+def test_block_cache_read_after_looks_for_the_next_computing_step():
+  s = BudgetSchedule((1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.04, 1.0, 0.0))
+  # Step 1 is followed (after a skip) by a dense step, step 3 (after a skip) by a partial one;
+  # 0.04 of 10 tokens rounds to 0, a skip; nothing computes after the last dense step.
+  assert [s.block_cache_read_after(i, 10) for i in range(9)] == [
+      False, False, False, True, True, False, False, False, False]
+  # k = 9 of 10 is partial; rounded up to a multiple of 2 it is 10, a dense step.
+  s = BudgetSchedule((1.0, 1.0, 0.9))
+  assert s.block_cache_read_after(1, 10) and not s.block_cache_read_after(1, 10, multiple=2)
+
+
 def test_num_selected_rounds_half_up_and_forces_step_zero_dense():
   assert num_selected_tokens(0.5, 5) == 3  # Python's round(2.5) would give 2
   assert num_selected_tokens(0.4, 32760) == 13104

@@ -14,7 +14,9 @@ One denoising step with budget k = round(theta_t * N) tokens per block:
 k = N runs every block dense (exactly the dense model) and refills the whole cache; k = 0 is a pure
 cache step: every block returns its cached output, so the head reads the last block's cache. The
 first step of a run must be dense (there is no cache before it). k is a static argument: each
-distinct k compiles once.
+distinct k compiles once. A dense step whose cache no partial step reads (`refresh_cache=False`:
+the next step that computes tokens is dense too, or there is none) runs the plain blocks and keeps
+only the last block's output, all that k = 0 steps read; it then costs what the dense model costs.
 
 Classifier-free guidance runs as batch rows (cond and uncond halves of B), and each row selects its
 own tokens: the halves attend to different keys anyway, and per-row selection keeps the work per row
@@ -100,9 +102,10 @@ def num_video_tokens(patch_size: tuple[int, int, int], latents_shape: tuple[int,
 
 def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax.Array,
                     cache: TokenCache | None, *, num_selected: int,
-                    config: AstraeaConfig = AstraeaConfig(),
+                    config: AstraeaConfig = AstraeaConfig(), refresh_cache: bool = True,
                     block_fn: BlockFn = compute_block) -> tuple[jax.Array, TokenCache]:
-  """One accelerated Wan forward; call it under `jax.jit` with `num_selected` static.
+  """One accelerated Wan forward; call it under `jax.jit` with `num_selected` and
+  `refresh_cache` static.
 
   Args:
     model: a Wan transformer (see the module docstring).
@@ -112,6 +115,9 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
     cache: the token cache from the previous step, or None at the first step.
     num_selected: k, tokens computed per block and batch row, in [0, N]; N means dense.
     config: scoring and cache options.
+    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
+      the last block's output (what k = 0 steps read); the rest of the cache is then stale, so
+      the next step that computes tokens must be dense. Ignored at other steps.
     block_fn: how a block is evaluated; `compute_block` unless measuring overheads.
 
   Returns:
@@ -120,7 +126,11 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
   x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
   graphdef, params = nnx.split(model.blocks)
   k = int(num_selected)
-  check_step(x.shape, _num_layers(params), k, cache, config)
+  layers = _num_layers(params)
+  check_step(x.shape, layers, k, cache, config)
+  if k == x.shape[1] and cache is not None and not refresh_cache:
+    x = model.run_blocks(x, cond)  # [B, N, C]
+    return model.head(x, cond), cache.replace(out=_set_layer(cache.out, x, layers - 1))
   x, cache = astraea_blocks(graphdef, params, x, cond, cache, num_selected=k, config=config,
                             block_fn=block_fn)
   return model.head(x, cond), cache
@@ -283,17 +293,18 @@ class StepStat:
 
 class StepTimer:
   """The timing every accelerated step model shares: with `timed`, waits for each step's result
-  and appends a `StepStat`; `first_call` marks the first call of each (k, has cache) variant,
-  which includes its compilation."""
+  and appends a `StepStat`; `first_call` marks the first call of each compiled variant (k, has
+  a cache, and any `variant` the caller adds), which includes its compilation."""
 
   def __init__(self, timed: bool):
     self.timed = timed
     self.stats: list[StepStat] = []
-    self._seen: set[tuple[int, bool]] = set()
+    self._seen: set[tuple] = set()
 
-  def run(self, step_index: int, theta: float, k: int, has_cache: bool, call):
+  def run(self, step_index: int, theta: float, k: int, has_cache: bool, call, *,
+          variant: tuple = ()):
     """Returns `call()`, timed as step `step_index` when `self.timed`."""
-    variant = (k, has_cache)
+    variant = (k, has_cache, *variant)
     start = time.perf_counter()
     out = call()
     if self.timed:
@@ -304,10 +315,11 @@ class StepTimer:
     return out
 
 
-def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, config, block_fn):
+def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, config, block_fn,
+          refresh_cache=True):
   model = nnx.merge(graphdef, state)
   return astraea_forward(model, latents, timestep, context, cache, num_selected=num_selected,
-                         config=config, block_fn=block_fn)
+                         config=config, refresh_cache=refresh_cache, block_fn=block_fn)
 
 
 @functools.lru_cache(maxsize=32)
@@ -315,13 +327,14 @@ def jit_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(),
                      block_fn: BlockFn = compute_block):
   """`astraea_forward` jitted over a split model, the cache donated, `num_selected` static.
 
-  Returns `step(state, latents, timestep, context, cache, *, num_selected) -> (out, cache)` where
-  `graphdef, state = nnx.split(model)`. The donated cache is updated in place: do not reuse it.
+  Returns `step(state, latents, timestep, context, cache, *, num_selected, refresh_cache=True) ->
+  (out, cache)` where `graphdef, state = nnx.split(model)`. The donated cache is updated in place:
+  do not reuse it.
   One jitted function per (graphdef, config, block_fn), so that later runs of the same model (a
   batch of requests, `--compare-dense`, a search) reuse its compiled programs.
   """
   return jax.jit(functools.partial(_step, graphdef, config=config, block_fn=block_fn),
-                 static_argnames=("num_selected",), donate_argnames=("cache",))
+                 static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
 class AstraeaStepModel:
@@ -343,15 +356,20 @@ class AstraeaStepModel:
       (with classifier-free guidance, cond and uncond rows in the loop's order).
     config: scoring and cache options.
     timed: wait for every step's result and record `StepStat`s in `self.stats`.
+    lookahead: let a dense step skip the cache writes that no later step reads (the schedule
+      says which; `BudgetSchedule.block_cache_read_after`). Needs every step of the schedule
+      called in order: a wrapper that may leave steps out (a step cache) must pass False.
   """
 
   def __init__(self, model, schedule: BudgetSchedule, context: jax.Array, *,
-               config: AstraeaConfig = AstraeaConfig(), timed: bool = False):
+               config: AstraeaConfig = AstraeaConfig(), timed: bool = False,
+               lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch_size = tuple(model.config.patch_size)
     self.schedule = schedule
     self.context = context
     self.config = config
+    self.lookahead = lookahead
     self.timer = StepTimer(timed)
     self.stats = self.timer.stats
     self.records: list[StepRecord] = []
@@ -362,6 +380,16 @@ class AstraeaStepModel:
     """k of step `step_index` for latents of this shape."""
     return self.schedule.num_selected(step_index, num_video_tokens(self._patch_size, latents_shape))
 
+  def block_cache_read_after(self, step_index: int, latents_shape: tuple[int, ...]) -> bool:
+    """`BudgetSchedule.block_cache_read_after` with this model's k (`num_selected`, which a
+    subclass may round): whether the first later step that computes tokens is partial."""
+    n = num_video_tokens(self._patch_size, latents_shape)
+    for later in range(step_index + 1, len(self.schedule)):
+      k = self.num_selected(later, latents_shape)
+      if k:
+        return k < n
+    return False
+
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:
     step_index = int(step_index)
@@ -370,11 +398,17 @@ class AstraeaStepModel:
       raise ValueError(f"context batch {self.context.shape[0]} does not match latents batch "
                        f"{batch}")
     k = self.num_selected(step_index, latents.shape)
+    n = num_video_tokens(self._patch_size, latents.shape)
+    # A dense step whose block caches nothing reads keeps only the last block's output.
+    light = (self.lookahead and carry is not None and k == n
+             and not self.block_cache_read_after(step_index, latents.shape))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     out, carry = self.timer.run(
         step_index, self.schedule.theta(step_index), k, carry is not None,
-        lambda: self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k))
-    tokens = k / (num_video_tokens(self._patch_size, latents.shape))
+        lambda: self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k,
+                             refresh_cache=not light),
+        variant=(light,))
+    tokens = k / n
     self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", tokens) if k else
                         StepRecord.reused(step_index, "k=0"))
     return out, carry

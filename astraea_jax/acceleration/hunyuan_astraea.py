@@ -86,9 +86,10 @@ __all__ = [
 def hunyuan_astraea_forward(model, latents: jax.Array, timestep: jax.Array, text: jax.Array,
                             text_mask: jax.Array | None, pooled: jax.Array,
                             guidance: jax.Array | None, cache: TokenCache | None, *,
-                            num_selected: int, config: AstraeaConfig = AstraeaConfig()
-                            ) -> tuple[jax.Array, TokenCache]:
-  """One accelerated HunyuanVideo forward; call it under `jax.jit` with `num_selected` static.
+                            num_selected: int, config: AstraeaConfig = AstraeaConfig(),
+                            refresh_cache: bool = True) -> tuple[jax.Array, TokenCache]:
+  """One accelerated HunyuanVideo forward; call it under `jax.jit` with `num_selected` and
+  `refresh_cache` static.
 
   Args:
     model: a `HunyuanVideoTransformer3DModel`.
@@ -98,6 +99,9 @@ def hunyuan_astraea_forward(model, latents: jax.Array, timestep: jax.Array, text
     cache: the token cache from the previous step, or None at the first step.
     num_selected: k, video tokens computed per block and batch row, in [0, N]; N means dense.
     config: scoring and cache options.
+    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
+      the last block's output (what k = 0 steps read); the rest of the cache is then stale, so
+      the next step that computes tokens must be dense. Ignored at other steps.
 
   Returns:
     `(out [B, C_out, T, Y, X] fp32, cache)`, the model output and the updated cache
@@ -111,6 +115,9 @@ def hunyuan_astraea_forward(model, latents: jax.Array, timestep: jax.Array, text
   check_step(x.shape, layers, k, cache, config)
   if k == 0:
     return model.head(cache.out[layers - 1], cond), cache.replace(skips=cache.skips + 1)
+  if k == x.shape[1] and cache is not None and not refresh_cache:
+    x = _plain_blocks(model, x, ctx, cond)  # [B, N, C]
+    return model.head(x, cond), cache.replace(out=_set_layer(cache.out, x, layers - 1))
   if cache is None:
     cache = _empty_cache(x, layers, config)
   cache = _walk_blocks(dual, single, x, ctx, cond, cache, k, config)
@@ -211,6 +218,12 @@ def dense_lse_forward(model, latents: jax.Array, timestep: jax.Array, text: jax.
   The like-for-like dense baseline of the speed benchmark: same kernel as the accelerated steps.
   """
   x, ctx, cond = model.embed(latents, timestep, text, text_mask, pooled, guidance)
+  return model.head(_plain_blocks(model, x, ctx, cond), cond)
+
+
+def _plain_blocks(model, x: jax.Array, ctx: jax.Array, cond) -> jax.Array:
+  """Every block dense on the accelerated forward's attention path, no cache: video tokens
+  `[B, N, C]` and text `[B, M, C]` -> the last block's video tokens `[B, N, C]`."""
 
   @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
   def dual(block, carry):
@@ -222,17 +235,18 @@ def dense_lse_forward(model, latents: jax.Array, timestep: jax.Array, text: jax.
 
   x, ctx = dual(model.transformer_blocks, (x, ctx))
   h = single(model.single_transformer_blocks, jnp.concatenate([x, ctx], axis=1))
-  return model.head(h[:, :cond.num_video_tokens], cond)
+  return h[:, :cond.num_video_tokens]
 
 
 # -- the denoising-loop adapter -------------------------------------------------------------------
 
 
 def _step(graphdef, state, latents, timestep, text, text_mask, pooled, guidance, cache, *,
-          num_selected, config):
+          num_selected, config, refresh_cache=True):
   model = nnx.merge(graphdef, state)
   return hunyuan_astraea_forward(model, latents, timestep, text, text_mask, pooled, guidance,
-                                 cache, num_selected=num_selected, config=config)
+                                 cache, num_selected=num_selected, config=config,
+                                 refresh_cache=refresh_cache)
 
 
 @functools.lru_cache(maxsize=32)
@@ -240,11 +254,11 @@ def jit_hunyuan_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(
   """`hunyuan_astraea_forward` jitted over a split model, the cache donated, k static.
 
   Returns `step(state, latents, timestep, text, text_mask, pooled, guidance, cache, *,
-  num_selected) -> (out, cache)` where `graphdef, state = nnx.split(model)`. The donated cache is
+  num_selected, refresh_cache=True) -> (out, cache)` where `graphdef, state = nnx.split(model)`. The donated cache is
   updated in place: do not reuse it. One jitted function per (graphdef, config).
   """
   return jax.jit(functools.partial(_step, graphdef, config=config),
-                 static_argnames=("num_selected",), donate_argnames=("cache",))
+                 static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
 class HunyuanAstraeaStepModel:
@@ -265,11 +279,15 @@ class HunyuanAstraeaStepModel:
       scale 6.0: 6000), a scalar or `[B]`; None iff the model has no guidance embedding.
     config: scoring and cache options.
     timed: wait for every step's result and record `StepStat`s in `self.stats`.
+    lookahead: let a dense step skip the cache writes that no later step reads (the schedule
+      says which; `BudgetSchedule.block_cache_read_after`). Needs every step of the schedule
+      called in order: a wrapper that may leave steps out (a step cache) must pass False.
   """
 
   def __init__(self, model, schedule: BudgetSchedule, text: jax.Array, pooled: jax.Array, *,
                text_mask: jax.Array | None = None, guidance: jax.Array | float | None = None,
-               config: AstraeaConfig = AstraeaConfig(), timed: bool = False):
+               config: AstraeaConfig = AstraeaConfig(), timed: bool = False,
+               lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch = tuple(model.config.patch)
     self.schedule = schedule
@@ -278,6 +296,7 @@ class HunyuanAstraeaStepModel:
     self.guidance = (None if guidance is None else
                      jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)))
     self.config = config
+    self.lookahead = lookahead
     self.timer = StepTimer(timed)
     self.stats = self.timer.stats
     self._jitted = jit_hunyuan_astraea_step(self._graphdef, config=config)
@@ -293,9 +312,15 @@ class HunyuanAstraeaStepModel:
     if self.text.shape[0] != batch:
       raise ValueError(f"text batch {self.text.shape[0]} does not match latents batch {batch}")
     k = self.num_selected(step_index, latents.shape)
+    n = num_video_tokens(self._patch, latents.shape)
+    # A dense step whose block caches nothing reads keeps only the last block's output.
+    light = (self.lookahead and carry is not None and k == n
+             and not self.schedule.block_cache_read_after(step_index, n))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     out, carry = self.timer.run(
         step_index, self.schedule.theta(step_index), k, carry is not None,
         lambda: self._jitted(self._state, latents, timestep, self.text, self.text_mask,
-                             self.pooled, self.guidance, carry, num_selected=k))
+                             self.pooled, self.guidance, carry, num_selected=k,
+                             refresh_cache=not light),
+        variant=(light,))
     return out.astype(latents.dtype), carry

@@ -40,6 +40,9 @@ So per step, with k = K positions (static; each distinct K compiles once):
 
 K = S runs every block dense (exactly the dense model, to float rounding) and refills the cache;
 K = 0 is a pure cache step (the head reads the last block's cache); the first step must be dense.
+A dense step whose cache no partial step reads (`refresh_cache=False`: the next step that computes
+tokens is dense too, or there is none) runs the plain blocks and keeps only the last block's output,
+which is all that K = 0 steps read; it then costs what the dense model costs.
 Classifier-free guidance runs as batch rows, each selecting its own positions. The scoring,
 top-k, cache and in-place walk are the Wan core's (`astraea_jax.acceleration.astraea`,
 `token_selection`, `token_cache`); `AstraeaConfig.inplace_input` has no effect here (block inputs
@@ -122,9 +125,10 @@ def opensora_astraea_forward(model, x: jax.Array, timestep: jax.Array, y: jax.Ar
                              mask: jax.Array | None, fps: Any, height: Any, width: Any,
                              cache: TokenCache | None, *, num_selected: int,
                              config: AstraeaConfig = AstraeaConfig(),
-                             x_mask: jax.Array | None = None,
+                             x_mask: jax.Array | None = None, refresh_cache: bool = True,
                              block_fn: BlockFn = compute_block) -> tuple[jax.Array, TokenCache]:
-  """One accelerated STDiT3 forward; call it under `jax.jit` with `num_selected` static.
+  """One accelerated STDiT3 forward; call it under `jax.jit` with `num_selected` and
+  `refresh_cache` static.
 
   Args:
     model: an `STDiT3`.
@@ -135,6 +139,9 @@ def opensora_astraea_forward(model, x: jax.Array, timestep: jax.Array, y: jax.Ar
     num_selected: K, patch positions computed per block and batch row (in every frame), in [0, S];
       S (`num_positions`) means dense.
     config: scoring and cache options.
+    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
+      the last block's output (what K = 0 steps read); the rest of the cache is then stale, so
+      the next step that computes tokens must be dense. Ignored at other steps.
     block_fn: how a block is evaluated; `compute_block` unless measuring overheads.
 
   Returns:
@@ -156,7 +163,10 @@ def opensora_astraea_forward(model, x: jax.Array, timestep: jax.Array, y: jax.Ar
   else:
     cache.check_compatible(2 * layers, batch, n, dim, config)
 
-  if k == per_frame:
+  if k == per_frame and cache is not None and not refresh_cache:
+    out = model.run_blocks(tokens, cond)  # [B, N, C]
+    cache = cache.replace(out=_set_layer(cache.out, out, 2 * layers - 1))
+  elif k == per_frame:
     out, cache = _dense_blocks(spatial, temporal, tokens, cond, cache, config, block_fn)
   elif k == 0:
     out, cache = cache.out[2 * layers - 1], cache.replace(skips=cache.skips + 1)
@@ -251,10 +261,11 @@ def _sparse_blocks(spatial, temporal, x, cond, cache, k, config, block_fn):
 
 
 def _step(graphdef, state, x, timestep, y, mask, fps, height, width, cache, *, num_selected,
-          config, x_mask=None):
+          config, x_mask=None, refresh_cache=True):
   model = nnx.merge(graphdef, state)
   return opensora_astraea_forward(model, x, timestep, y, mask, fps, height, width, cache,
-                                  num_selected=num_selected, config=config, x_mask=x_mask)
+                                  num_selected=num_selected, config=config, x_mask=x_mask,
+                                  refresh_cache=refresh_cache)
 
 
 @functools.lru_cache(maxsize=32)
@@ -262,11 +273,12 @@ def jit_opensora_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig
   """`opensora_astraea_forward` jitted over a split model, the cache donated, K static.
 
   Returns `step(state, x, timestep, y, mask, fps, height, width, cache, *, num_selected,
-  x_mask=None) -> (out, cache)` where `graphdef, state = nnx.split(model)`. The donated cache is
-  updated in place: do not reuse it. One jitted function per (graphdef, config).
+  x_mask=None, refresh_cache=True) -> (out, cache)` where `graphdef, state = nnx.split(model)`.
+  The donated cache is updated in place: do not reuse it. One jitted function per (graphdef,
+  config).
   """
   return jax.jit(functools.partial(_step, graphdef, config=config),
-                 static_argnames=("num_selected",), donate_argnames=("cache",))
+                 static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
 class OpenSoraAstraeaStepModel:
@@ -285,11 +297,15 @@ class OpenSoraAstraeaStepModel:
     mask: `[B', M]` caption mask or None; fps, height, width: as `STDiT3.embed` takes them.
     config: scoring and cache options.
     timed: wait for every step's result and record `StepStat`s in `self.stats`.
+    lookahead: let a dense step skip the cache writes that no later step reads (the schedule
+      says which; `BudgetSchedule.block_cache_read_after`). Needs every step of the schedule
+      called in order: a wrapper that may leave steps out (a step cache) must pass False.
   """
 
   def __init__(self, model, schedule: BudgetSchedule, y: jax.Array, *,
                mask: jax.Array | None = None, fps: Any = 24.0, height: Any, width: Any,
-               config: AstraeaConfig = AstraeaConfig(), timed: bool = False):
+               config: AstraeaConfig = AstraeaConfig(), timed: bool = False,
+               lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch_size = tuple(model.config.patch_size)
     self.schedule = schedule
@@ -298,6 +314,7 @@ class OpenSoraAstraeaStepModel:
     self.height = jnp.asarray(height, jnp.float32)
     self.width = jnp.asarray(width, jnp.float32)
     self.config = config
+    self.lookahead = lookahead
     self.timer = StepTimer(timed)
     self.stats = self.timer.stats
     self._jitted = jit_opensora_astraea_step(self._graphdef, config=config)
@@ -314,9 +331,16 @@ class OpenSoraAstraeaStepModel:
     if self.y.shape[0] != batch:
       raise ValueError(f"caption batch {self.y.shape[0]} does not match latents batch {batch}")
     k = self.num_selected(step_index, latents.shape)
+    positions = num_positions(self._patch_size, latents.shape)
+    # A dense step whose block caches nothing reads keeps only the last block's output.
+    light = (self.lookahead and carry is not None and k == positions
+             and not self.schedule.block_cache_read_after(step_index, positions,
+                                                          multiple=K_MULTIPLE))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     out, carry = self.timer.run(
         step_index, self.schedule.theta(step_index), k, carry is not None,
         lambda: self._jitted(self._state, latents, timestep, self.y, self.mask, self.fps,
-                             self.height, self.width, carry, num_selected=k))
+                             self.height, self.width, carry, num_selected=k,
+                             refresh_cache=not light),
+        variant=(light,))
     return out[:, :latents.shape[1]].astype(latents.dtype), carry

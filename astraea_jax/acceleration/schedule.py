@@ -175,6 +175,20 @@ class BudgetSchedule:
       return num_tokens
     return min(num_tokens, -(-k // multiple) * multiple)
 
+  def block_cache_read_after(self, step: int, num_tokens: int, *, multiple: int = 1) -> bool:
+    """Whether a later step reads the per-block token cache that `step` leaves behind.
+
+    Only a partial step (0 < k < N) reads it: a dense step rewrites all of it and a k = 0 step
+    reads just the last block's output. So it is read iff the first later step with k > 0 is
+    partial. A dense step whose cache is not read can skip writing it (the step models'
+    `refresh_cache=False`), which makes it cost what the dense model costs.
+    """
+    for later in range(step + 1, len(self.thetas)):
+      k = self.num_selected(later, num_tokens, multiple=multiple)
+      if k:
+        return k < num_tokens
+    return False
+
   def effective_mean(self, num_tokens: int, *, multiple: int = 1) -> float:
     """Mean fraction of tokens actually computed, after rounding k and forcing step 0 dense."""
     ks = [self.num_selected(s, num_tokens, multiple=multiple) for s in range(len(self.thetas))]

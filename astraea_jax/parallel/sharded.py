@@ -126,6 +126,12 @@ def sharded_dense_forward(model, latents: jax.Array, timestep: jax.Array, contex
   """
   x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
   _check_fits(mesh, x.shape)
+  return model.head(_dense_blocks(model, x, cond, mesh, strategy), cond)
+
+
+def _dense_blocks(model, x: jax.Array, cond: WanConditioning, mesh: jax.sharding.Mesh,
+                  strategy: str | None) -> jax.Array:
+  """Every block, dense and without a cache, on tokens `x [B, N, C]` sharded along N."""
   graphdef, params = nnx.split(model.blocks)
   attention_fn = _attention_fn(model, mesh, strategy)
 
@@ -135,27 +141,35 @@ def sharded_dense_forward(model, latents: jax.Array, timestep: jax.Array, contex
 
     return jax.lax.scan(layer, x, params)[0]
 
-  x = jax.shard_map(body, mesh=mesh, in_specs=(spec(*TOKENS), _cond_specs(cond), spec()),
-                    out_specs=spec(*TOKENS), check_vma=False)(x, cond, params)
-  return model.head(x, cond)
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec(*TOKENS), _cond_specs(cond), spec()),
+                       out_specs=spec(*TOKENS), check_vma=False)(x, cond, params)
 
 
 def sharded_astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax.Array,
                             cache: TokenCache | None, *, num_selected: int,
                             mesh: jax.sharding.Mesh, config: AstraeaConfig = AstraeaConfig(),
-                            strategy: str | None = None) -> tuple[jax.Array, TokenCache]:
+                            strategy: str | None = None, refresh_cache: bool = True
+                            ) -> tuple[jax.Array, TokenCache]:
   """`astraea.astraea_forward` with tokens and token cache sharded on `mesh`; call under jit.
 
   `num_selected` (k, per batch row) must be a multiple of P: each device computes the top k/P of
   its own N/P tokens. `config.selection_chunks` must be 1 or P (both mean per shard here). The
-  returned cache is sharded like the tokens (`[L, B, N, ...]`, N along "seq").
+  returned cache is sharded like the tokens (`[L, B, N, ...]`, N along "seq"). `refresh_cache`
+  as for `astraea_forward`: False at a dense step with a cache runs the plain sharded blocks and
+  refreshes only the last block's output.
   """
   x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
   _check_fits(mesh, x.shape)
   graphdef, params = nnx.split(model.blocks)
   p = seq_size(mesh)
   k = int(num_selected)
-  check_step(x.shape, jax.tree.leaves(params)[0].shape[0], k, cache, config)
+  layers = jax.tree.leaves(params)[0].shape[0]
+  check_step(x.shape, layers, k, cache, config)
+  if k == x.shape[1] and cache is not None and not refresh_cache:
+    x = _dense_blocks(model, x, cond, mesh, strategy)  # [B, N, C]
+    out = jax.lax.dynamic_update_index_in_dim(cache.out, x.astype(cache.out.dtype), layers - 1, 0)
+    out = jax.lax.with_sharding_constraint(out, sharding(mesh, "layers", *TOKENS))
+    return model.head(x, cond), cache.replace(out=out)
   if k % p:
     raise ValueError(f"num_selected={k} must be a multiple of the seq axis size {p} (top-k per "
                      "shard); see round_num_selected")
@@ -191,10 +205,10 @@ def _dense_step(graphdef, state, latents, timestep, context, *, mesh, strategy):
 
 
 def _astraea_step(graphdef, state, latents, timestep, context, cache, *, num_selected, mesh,
-                  config, strategy):
+                  config, strategy, refresh_cache=True):
   out, cache = sharded_astraea_forward(nnx.merge(graphdef, state), latents, timestep, context,
                                        cache, num_selected=num_selected, mesh=mesh, config=config,
-                                       strategy=strategy)
+                                       strategy=strategy, refresh_cache=refresh_cache)
   return jax.lax.with_sharding_constraint(out, sharding(mesh)), cache
 
 
@@ -212,11 +226,12 @@ def jit_sharded_astraea_step(graphdef, mesh: jax.sharding.Mesh, *,
                              config: AstraeaConfig = AstraeaConfig(), strategy: str | None = None):
   """`sharded_astraea_forward` jitted like `astraea.jit_astraea_step` (cache donated, k static).
 
-  Returns `step(state, latents, timestep, context, cache, *, num_selected) -> (out, cache)`.
+  Returns `step(state, latents, timestep, context, cache, *, num_selected, refresh_cache=True)
+  -> (out, cache)`.
   """
   return jax.jit(functools.partial(_astraea_step, graphdef, mesh=mesh, config=config,
                                    strategy=strategy),
-                 static_argnames=("num_selected",), donate_argnames=("cache",))
+                 static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
@@ -263,8 +278,8 @@ class ShardedAstraeaStepModel(AstraeaStepModel):
 
   def __init__(self, model, schedule: BudgetSchedule, context: jax.Array,
                mesh: jax.sharding.Mesh, *, config: AstraeaConfig = AstraeaConfig(),
-               timed: bool = False, strategy: str | None = None):
-    super().__init__(model, schedule, context, config=config, timed=timed)
+               timed: bool = False, strategy: str | None = None, lookahead: bool = True):
+    super().__init__(model, schedule, context, config=config, timed=timed, lookahead=lookahead)
     self.mesh = mesh
     self._state = replicate(self._state, mesh)
     self.context = place_inputs(mesh, context=context)[2]
