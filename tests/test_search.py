@@ -256,8 +256,21 @@ def test_cli_writes_loadable_schedule_and_resumes(fitness, tmp_path, capsys):
   assert json.loads(out2.read_text())["thetas"] == record["thetas"]
 
 
+def test_cli_whole_step_levels(fitness, tmp_path, capsys):
+  del fitness
+  out = tmp_path / "whole.json"
+  args = _cli_args(tmp_path, "--budget", "0.5", "--tolerance", "0", "--levels", "1", "--out",
+                   str(out))
+  assert cli.main(args) == 0, capsys.readouterr().err
+  record = json.loads(out.read_text())
+  assert record["levels"] == 1 and record["thetas"][0] == 1.0
+  assert sorted(record["thetas"]) == [0.0, 0.0, 1.0, 1.0]  # mean exactly 0.5, whole steps
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--budget", "1.5"], "--budget 1.5 must lie in (0, 1]"),
+    (["--levels", "0"], "--levels 0 must be positive"),
+    (["--levels", "1", "--budget", "0.3", "--tolerance", "0"], "budget=0.3 is unreachable"),
     (["--budget", "-0.1"], "--budget -0.1 must lie in (0, 1]"),
     (["--prompts", "missing.txt"], "cannot read prompts file"),
     (["--prompts", "empty.txt"], "has no prompts"),

@@ -8,7 +8,8 @@ Examples:
       --state s.state.npz                                            # resumable
   python -m astraea_jax.generate --schedule schedule.json
 
-Candidates are one theta per step on the 0.1 grid with their mean within +-10% of `--budget`
+Candidates are one theta per step on the 0.1 grid (`--levels 1`: whole steps, computed or skipped,
+the fastest at a given mean) with their mean within +-10% of `--budget`
 (`astraea_jax.search.space`); fitness is the MSE of the final latents against the dense run of the
 same prompts and seeds (`astraea_jax.search.fitness`), every population evaluated in batched device
 runs; the GA is `astraea_jax.search.algorithm.BudgetGA` with the paper's defaults (50 parents, 30
@@ -48,8 +49,9 @@ MAX_STEP_CACHE_SEEDS = 8
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m astraea_jax.search",
-      description="Search the per-step token budget schedule (theta_t on a 0.1 grid, mean within "
-                  "--tolerance of --budget) that keeps ASTRAEA's output closest to the dense model's.",
+      description="Search the per-step token budget schedule (theta_t on a 0.1 grid, or coarser "
+                  "with --levels; mean within --tolerance of --budget) that keeps ASTRAEA's output "
+                  "closest to the dense model's.",
       epilog="The schedule file is read by `python -m astraea_jax.generate --schedule FILE` (with "
              "the same --steps).")
   g = p.add_argument_group("what to search")
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="allowed relative deviation of the mean from --budget (default 0.1, the paper's "
                       "+-10%%; 0 holds the mean at --budget exactly, so the run time is the "
                       "budget's)")
+  g.add_argument("--levels", type=int, default=10, metavar="N",
+                 help="theta on the grid {0, 1/N, ..., 1} (default 10, the paper's 0.1 grid); 1 "
+                      "searches whole steps only (computed or skipped), the fastest schedules at a "
+                      "budget: a partial step costs more time than its share of tokens")
   g.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                  help="calibration prompts, one per line (default: --num-prompts captions of the "
                       "default model's grammar)")
@@ -131,7 +137,7 @@ def _check_numbers(args) -> None:
                      "tokens computed per step")
   if not 0.0 <= args.tolerance < 1.0:
     raise ValueError(f"--tolerance {args.tolerance:g} must lie in [0, 1)")
-  for name in ("population", "offspring", "generations", "num_prompts", "min_bucket"):
+  for name in ("levels", "population", "offspring", "generations", "num_prompts", "min_bucket"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
   if args.population < 2:
@@ -210,7 +216,8 @@ def run(argv: list[str] | None = None) -> int:
     overrides["width"], overrides["height"] = args.size
   cfg = dataclasses.replace(pipe.defaults, seed=args.seed, **overrides)
   pipe.latent_shape(cfg)  # GenerationError for sizes the model cannot take
-  space = BudgetSpace(num_steps=cfg.steps, budget=args.budget, tolerance=args.tolerance)
+  space = BudgetSpace(num_steps=cfg.steps, budget=args.budget, tolerance=args.tolerance,
+                      levels=args.levels)
 
   dense = None
   resume = args.state is not None and args.state.exists()
@@ -246,7 +253,7 @@ def run(argv: list[str] | None = None) -> int:
   record.update({
       "budget": args.budget, "mean": schedule.mean,
       "effective_mean": schedule.effective_mean(fitness.num_tokens),
-      "tolerance": args.tolerance, "model": args.model, "model_name": pipe.name,
+      "tolerance": args.tolerance, "levels": args.levels, "model": args.model, "model_name": pipe.name,
       "size": f"{cfg.width}x{cfg.height}", "frames": cfg.frames, "steps": cfg.steps,
       "guidance": cfg.guidance, "seed": args.seed, "prompts": prompts,
       "fitness": result.fitness, "uniform_fitness": result.uniform_fitness,
