@@ -212,3 +212,14 @@ def test_x0_prediction_equals_the_velocity_it_implies(guidance):
   with pytest.raises(ValueError, match="prediction"):
     denoise(plain_step_model, noise(), scheduler, state, guidance_scale=guidance,
             progress=False, prediction="epsilon")
+
+
+def test_compile_timer_counts_nested_events_once():
+  from astraea_jax.sampling.loop import _CompileTimer  # pylint: disable=import-outside-toplevel
+
+  timer = _CompileTimer()
+  timer("/jax/core/compile/jaxpr_trace_duration", 0.5)  # an inner jit traced inside the outer one
+  timer("/jax/core/compile/jaxpr_trace_duration", 1.0)  # the outer trace, reported last
+  timer("/jax/core/compile/backend_compile_duration", 0.0)
+  timer("/jax/some/other_event", 5.0)
+  assert 1.0 <= timer.seconds < 1.05
