@@ -5,7 +5,8 @@ a pixel-space Wan2.1 transformer (the same `WanTransformer3DModel` code; 8x8 pat
 64x64 RGB, 1088 tokens; 13.3M parameters with its text encoder) trained with `python -m
 astraea_jax.train` on the procedural clips of `astraea_jax.data` ("a red circle moving right on a gray
 background"). It predicts the clean clip (x0), which the sampler turns into Wan's flow velocity. Its
-weights ship with the package (`astraea_jax/assets/small_t2v/`, bf16 matrices), so the whole pipeline
+weights ship with the package (`astraea_jax/assets/small_t2v/`, bf16 matrices), with the budget
+schedules searched for it (`schedules/`, whole steps at budgets 0.4, 0.5 and 0.7), so the whole pipeline
 -- text conditioning, classifier-free guidance, the UniPC solver, ASTRAEA's token selection and cache,
 video writing -- runs on a laptop CPU in seconds and makes videos whose quality can be judged.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from astraea_jax.acceleration.schedule import load_schedules
 from astraea_jax.models.small_text_encoder import encode_prompts, load_small_model
 from astraea_jax.pipeline import GenerationConfig, WanPipeline
 
@@ -48,4 +50,5 @@ def load_default_pipeline(dtype: str = "float32") -> WanPipeline:
       spatial_stride=1, temporal_stride=1, default_shift=3.0, fps=8,
       defaults=GenerationConfig(height=config.height, width=config.width, frames=config.frames,
                                 steps=20, guidance=4.0, negative_prompt=""),
-      default_prompt=DEFAULT_PROMPT, prediction=config.prediction)
+      default_prompt=DEFAULT_PROMPT, prediction=config.prediction,
+      schedules=load_schedules(WEIGHTS / "schedules"))

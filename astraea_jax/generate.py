@@ -7,10 +7,13 @@ Examples:
   python -m astraea_jax.generate --model DIR --prompt "a dog running happily" --budget 0.5 --out dog.mp4
   python -m astraea_jax.generate --model DIR --prompt-file prompts.txt --schedule schedule.json
 
-`--budget THETA` computes round(THETA * N) of the N video tokens in every block at every step after the
-first (ASTRAEA, arXiv 2506.05096); `--schedule FILE` takes one theta per step from a JSON file written by
-`python -m astraea_jax.search`; `--dense` runs the unaccelerated model. Without any of the three, the
-default budget 0.5 is used.
+`--budget THETA` computes THETA of the N video tokens per step on average (ASTRAEA, arXiv
+2506.05096): with the schedule searched for the model at that budget where the model ships one for
+the requested step count (the default model does at 0.4, 0.5 and 0.7; a converted folder's
+`schedules/`), else round(THETA * N) tokens in every block at every step after the first
+(`--uniform` asks for that in any case). `--schedule FILE` takes one theta per step from a JSON file
+written by `python -m astraea_jax.search`; `--dense` runs the unaccelerated model. Without any of
+the three, the default budget 0.5 is used.
 
 `--method` picks a peer method instead of ASTRAEA (`astraea_jax.acceleration`):
 
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("acceleration (pick one; default --budget 0.5)")
   m = g.add_mutually_exclusive_group()
   m.add_argument("--budget", type=_theta, default=None,
-                 help="uniform token budget theta in [0, 1] (the first step is always dense)")
+                 help="token budget theta in [0, 1], the mean fraction of tokens computed per "
+                      "step: the model's own searched schedule of that mean where it ships one "
+                      "for --steps (the default model: 0.4, 0.5 and 0.7 at 20 steps), else theta "
+                      "at every step (the first step is always dense)")
   m.add_argument("--schedule", type=Path, default=None, help="per-step budget schedule JSON")
   m.add_argument("--dense", action="store_true", help="no acceleration")
   g.add_argument("--resample-schedule", nargs="?", const="repeat", default=None,
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "20-step search on a 50-step run) by resampling it to --steps. MODE 'repeat' "
                       "(default) repeats each step's budget, keeping whole and skipped steps as "
                       "they are; 'average' keeps the mean exactly and may split steps")
+  g.add_argument("--uniform", action="store_true",
+                 help="with --budget: theta at every step, even where the model ships a searched "
+                      "schedule")
   g.add_argument("--dense-first", type=float, default=0.0, metavar="FRACTION",
                  help="with --budget: run this fraction of the first steps dense (e.g. 0.2)")
   g.add_argument("--compare-dense", action="store_true",
@@ -287,7 +296,7 @@ def run(argv: list[str] | None = None) -> int:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from astraea_jax import metrics, parallel, video  # pylint: disable=import-outside-toplevel
-  from astraea_jax.acceleration import BudgetSchedule  # pylint: disable=import-outside-toplevel
+  from astraea_jax.acceleration import BudgetSchedule, shipped_schedule  # pylint: disable=import-outside-toplevel
 
   parallel.maybe_initialize()  # several hosts: before anything touches the devices
   # Default: the most visible GPUs that split the request evenly (None); one device on CPU.
@@ -305,6 +314,7 @@ def run(argv: list[str] | None = None) -> int:
   def check_outputs():  # before any work: can the files be written?
     for out in outs:
       video.check_writable(out)
+    video.check_mp4_encoder()
 
   parallel.check_together(check_outputs)  # several processes stop together, none left waiting
 
@@ -317,6 +327,8 @@ def run(argv: list[str] | None = None) -> int:
   cfg = dataclasses.replace(pipe.defaults, seed=args.seed, solver=args.solver, **overrides)
   pipe.latent_shape(cfg)  # validate size and frames before loading anything else
 
+  if args.uniform and (args.dense or args.schedule is not None):
+    raise ValueError("--uniform goes with --budget, not with --dense or --schedule")
   if args.dense or (peer is not None and args.budget is None and args.schedule is None):
     schedule = None
   elif args.schedule is not None:
@@ -339,8 +351,17 @@ def run(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.dense_first < 1.0:
       raise ValueError(f"--dense-first {args.dense_first} must lie in [0, 1)")
     dense_steps = round(args.dense_first * cfg.steps)
-    schedule = (BudgetSchedule.dense_then(cfg.steps, theta, dense_steps=dense_steps) if dense_steps
-                else BudgetSchedule.uniform(cfg.steps, theta))
+    shipped = (None if args.uniform or dense_steps else
+               shipped_schedule(getattr(pipe, "schedules", ()), theta, cfg.steps))
+    if shipped is not None:
+      schedule = shipped
+      print(f"budget {theta:g}: the model's searched schedule {shipped.name!r}, thetas "
+            f"{' '.join(f'{t:g}' for t in shipped.thetas)} (--uniform: {theta:g} at every step)",
+            file=sys.stderr)
+    elif dense_steps:
+      schedule = BudgetSchedule.dense_then(cfg.steps, theta, dense_steps=dense_steps)
+    else:
+      schedule = BudgetSchedule.uniform(cfg.steps, theta)
 
   progress = not args.quiet
   label = "dense" if schedule is None else f"schedule {schedule.name or 'from file'}"
@@ -411,9 +432,10 @@ def _compute_seconds(stats) -> float:
 
 
 def _ms_per_step(stats) -> str:
-  # Every step of a short run may have compiled: then there is no steady time to show.
-  ms = stats.steady_step_seconds * 1e3
-  return "every step compiled" if ms != ms else f"{ms:.0f} ms/step steady"
+  # The mean over every step, compile time taken out: with a schedule the steps differ (a skipped
+  # step costs a few ms), so the median or the steps that compiled nothing would mislead.
+  ms = _compute_seconds(stats) / max(len(stats.step_seconds), 1) * 1e3
+  return f"{ms:.0f} ms/step on average without compiling"
 
 
 def main(argv: list[str] | None = None) -> int:

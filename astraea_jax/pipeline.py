@@ -241,6 +241,8 @@ class WanPipeline:
     default_prompt: the prompt of a bare `generate` (None: a prompt is required).
     prediction: what the transformer outputs, "velocity" (Wan2.1) or "x0"
       (`astraea_jax.models.prediction`).
+    schedules: budget schedules searched for this model (`python -m astraea_jax.search`), which
+      `generate --budget B` runs where one has mean B and the request's step count.
   """
 
   name: str
@@ -254,6 +256,7 @@ class WanPipeline:
   defaults: GenerationConfig = GenerationConfig()
   default_prompt: str | None = None
   prediction: str = "velocity"
+  schedules: tuple[BudgetSchedule, ...] = ()
 
   def latent_shape(self, cfg: GenerationConfig) -> tuple[int, int, int, int]:
     """`(C, T, Y, X)` of the latents for a request; GenerationError if the model cannot take it."""

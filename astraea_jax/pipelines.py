@@ -8,6 +8,9 @@ writes them, and the tokenizer copied from the original folder:
   DIR/vae/            python -m checkpoints_convert wan_vae WAN_DIR DIR/vae
   DIR/tokenizer/      tokenizer.json of umT5-xxl (diffusers' tokenizer/ or Wan's google/umt5-xxl/)
   DIR/pipeline.json   optional: {"default_shift": 3.0, "sigma_schedule": "diffusers"}
+  DIR/schedules/      optional: budget schedules searched for this model (`python -m
+                      astraea_jax.search --out DIR/schedules/budget-0.5.json`), which
+                      `generate --budget 0.5` then runs at their step count
 
 `python -m checkpoints_convert wan_t2v --src WAN_DIR --out DIR` writes all of it in one go, and
 `python -m astraea_jax.generate --model WAN_DIR` reads an unconverted folder directly (converting in
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from astraea_jax.acceleration.schedule import load_schedules
 from astraea_jax.pipeline import GenerationConfig, WanPipeline
 
 
@@ -111,10 +115,15 @@ def load_wan_pipeline(path: str | os.PathLike, *, dtype=jnp.bfloat16) -> WanPipe
                          "`python -m astraea_jax.generate --model` directly")
   options = read_pipeline_file(root)
   try:
+    schedules = load_schedules(root / "schedules")
+  except ValueError as e:
+    raise ModelLoadError(str(e)) from None
+  try:
     transformer = wan.load_pretrained(str(root / "transformer"))
     encoder = umt5.load_encoder(root / "text_encoder", dtype=dtype)
     vae = wan_vae.load_checkpoint(root / "vae", dtype=jnp.float32)
     tokenizer = UMT5Tokenizer(root / "tokenizer")
   except (OSError, ValueError, KeyError) as e:
     raise ModelLoadError(f"cannot load {str(root)!r}: {e}") from e
-  return assemble(root.name, transformer, encoder, vae, tokenizer, **options)
+  pipe = assemble(root.name, transformer, encoder, vae, tokenizer, **options)
+  return dataclasses.replace(pipe, schedules=schedules)

@@ -45,6 +45,15 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path
 
 
+def check_mp4_encoder() -> None:
+  """Fails early when no H.264 encoder is at hand (imageio-ffmpeg and its ffmpeg binary)."""
+  try:
+    import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
+    imageio_ffmpeg.get_ffmpeg_exe()
+  except (ImportError, RuntimeError, OSError) as e:
+    raise OutputError(f"writing .mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg): {e}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   """Yields a temporary path beside `path`; renames it onto `path` on success, deletes it on failure."""

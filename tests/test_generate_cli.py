@@ -1,6 +1,7 @@
 """`python -m astraea_jax.generate`: outputs, flags and one-line errors on bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,18 @@ def test_default_run_writes_playable_video_and_preview(tmp_path):
   assert frames.shape == (17, 64, 64, 3)
   assert (tmp_path / "clip.gif").stat().st_size > 0
   assert (tmp_path / "clip.npy").exists()
+
+
+def test_budget_runs_the_schedule_the_model_ships(tmp_path):
+  """The default model ships searched schedules at its 20 steps; --uniform asks for theta at
+  every step instead (at 3 steps, above, there is no shipped schedule: uniform)."""
+  r = _run(tmp_path, "--budget", "0.4", "--out", "s.mp4", "--no-gif")
+  assert r.returncode == 0, r.stderr
+  assert "searched schedule 'searched-0.4-whole'" in r.stderr
+  assert "computed 8/20 steps" in r.stdout and "budget 0.40" in r.stdout
+  r = _run(tmp_path, "--budget", "0.4", "--uniform", "--steps", "4", "--out", "u.mp4", "--no-gif")
+  assert r.returncode == 0, r.stderr
+  assert "searched schedule" not in r.stderr and "schedule uniform-0.4" in r.stderr
 
 
 def test_prompt_file_batch_and_schedule(tmp_path):
@@ -70,6 +83,7 @@ def test_schedule_of_another_step_count_needs_resample_flag(tmp_path):
     (["--out", "clip.avi"], ".mp4"),
     (["--schedule", "bad.json"], "cannot read schedule"),
     (["--model", "no_such_model_dir"], "does not exist"),
+    (["--uniform", "--dense"], "--uniform goes with --budget"),
 ])
 def test_bad_input_one_line_and_no_output(tmp_path, args, message):
   (tmp_path / "bad.json").write_text("{not json")
@@ -80,6 +94,20 @@ def test_bad_input_one_line_and_no_output(tmp_path, args, message):
   assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.gif"))
 
 
+def test_missing_mp4_encoder_is_one_line_before_any_work(tmp_path):
+  fake = tmp_path / "site" / "imageio_ffmpeg"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("raise ImportError('no module named imageio_ffmpeg')\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+  r = subprocess.run([sys.executable, "-m", "astraea_jax.generate", "--quiet", "--steps", "2"],
+                     cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert r.returncode == 1 and len(lines) == 1, r.stderr
+  assert lines[0].startswith("error: writing .mp4 needs imageio-ffmpeg")
+  assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.gif"))
+
+
 def test_budget_out_of_range_is_a_usage_error(tmp_path):
   r = _run(tmp_path, "--budget", "1.5")
   assert r.returncode == 2 and "budget must lie in [0, 1]" in r.stderr
@@ -87,6 +115,6 @@ def test_budget_out_of_range_is_a_usage_error(tmp_path):
 
 def test_help_mentions_every_flag():
   text = generate.build_parser().format_help()
-  for flag in ("--model", "--prompt", "--budget", "--schedule", "--dense", "--compare-dense",
-               "--size", "--frames", "--steps", "--guidance", "--seed", "--out", "--save-latents"):
+  for flag in ("--model", "--prompt", "--budget", "--uniform", "--schedule", "--dense",
+               "--compare-dense", "--size", "--frames", "--steps", "--guidance", "--seed", "--out", "--save-latents"):
     assert flag in text

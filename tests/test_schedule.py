@@ -5,7 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from astraea_jax.acceleration.schedule import BudgetSchedule, num_selected_tokens
+from astraea_jax.acceleration.schedule import (
+    BudgetSchedule,
+    load_schedules,
+    num_selected_tokens,
+    shipped_schedule,
+)
 
 
 def test_uniform_and_dense():
@@ -169,3 +174,31 @@ def test_resample_splits_straddling_steps_and_is_identity_at_the_same_length():
   assert BudgetSchedule((0.2, 0.4, 0.9)).resample(1, mode="average").thetas == (0.5,)
   with pytest.raises(ValueError):
     s.resample(0)
+
+
+def test_shipped_schedules_are_found_by_mean_and_step_count(tmp_path):
+  assert load_schedules(tmp_path / "none") == ()
+  half = BudgetSchedule((1.0, 0.0, 1.0, 0.0), name="half")
+  half.save(tmp_path / "b.json")
+  BudgetSchedule((1.0, 0.5, 0.5, 0.0), name="half-partial").save(tmp_path / "a.json")
+  BudgetSchedule.uniform(6, 0.5).save(tmp_path / "c.json")
+  (tmp_path / "notes.txt").write_text("not a schedule, not read")
+  schedules = load_schedules(tmp_path)
+  assert [s.name for s in schedules] == ["half-partial", "half", "uniform-0.5"]
+  assert shipped_schedule(schedules, 0.5, 4).name == "half-partial"  # the first by file name
+  assert shipped_schedule(schedules[1:], 0.5, 4) == half
+  assert shipped_schedule(schedules, 0.4, 4) is None
+  assert shipped_schedule(schedules, 0.5, 5) is None
+  (tmp_path / "d.json").write_text("{truncated")
+  with pytest.raises(ValueError, match="d.json"):
+    load_schedules(tmp_path)
+
+
+def test_the_default_model_ships_whole_step_schedules_at_their_budgets():
+  from astraea_jax.default_model import WEIGHTS  # pylint: disable=import-outside-toplevel
+
+  schedules = load_schedules(WEIGHTS / "schedules")
+  for budget in (0.4, 0.5, 0.7):
+    schedule = shipped_schedule(schedules, budget, 20)
+    assert schedule is not None and schedule.thetas[0] == 1.0
+    assert set(schedule.thetas) == {0.0, 1.0}

@@ -18,7 +18,12 @@ from astraea_jax.acceleration.opensora_astraea import (
     OpenSoraAstraeaStepModel,
     opensora_astraea_forward,
 )
-from astraea_jax.acceleration.schedule import BudgetSchedule, num_selected_tokens
+from astraea_jax.acceleration.schedule import (
+    BudgetSchedule,
+    load_schedules,
+    num_selected_tokens,
+    shipped_schedule,
+)
 from astraea_jax.acceleration.step_cache import (
     EasyCacheConfig,
     EasyCacheStepModel,
@@ -49,8 +54,10 @@ __all__ = [
     "compute_block",
     "hunyuan_astraea_forward",
     "jit_astraea_step",
+    "load_schedules",
     "num_selected_tokens",
     "num_video_tokens",
     "opensora_astraea_forward",
     "selection_only_block",
+    "shipped_schedule",
 ]

@@ -23,8 +23,9 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["BudgetSchedule", "num_selected_tokens"]
+__all__ = ["BudgetSchedule", "load_schedules", "num_selected_tokens", "shipped_schedule"]
 
 _FORMAT = "astraea-budget-schedule"
 _VERSION = 1
@@ -229,6 +230,34 @@ class BudgetSchedule:
   @classmethod
   def from_thetas(cls, thetas: Sequence[float], name: str = "") -> BudgetSchedule:
     return cls(tuple(thetas), name=name)
+
+
+def load_schedules(folder: str | os.PathLike) -> tuple[BudgetSchedule, ...]:
+  """Every schedule file (`*.json`) in `folder`, by file name; none if there is no such folder.
+
+  A model folder's `schedules/` holds the schedules searched for it, which `generate --budget`
+  runs in place of the uniform budget (`shipped_schedule`). ValueError names a file that is not
+  a schedule.
+  """
+  root = Path(folder)
+  if not root.is_dir():
+    return ()
+  schedules = []
+  for path in sorted(root.glob("*.json")):
+    try:
+      schedules.append(BudgetSchedule.load(path))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read schedule {str(path)!r}: {e}") from None
+  return tuple(schedules)
+
+
+def shipped_schedule(schedules: Sequence[BudgetSchedule], budget: float,
+                     num_steps: int) -> BudgetSchedule | None:
+  """The first of `schedules` with `num_steps` steps and mean `budget`, or None."""
+  for schedule in schedules:
+    if len(schedule) == num_steps and abs(schedule.mean - budget) < 1e-9:
+      return schedule
+  return None
 
 
 def _check_steps(num_steps: int) -> None:
