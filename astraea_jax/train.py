@@ -449,7 +449,7 @@ class Trainer:
                if getattr(config, f.name) != getattr(stored, f.name)}
     bad = sorted(changed - set(RESUMABLE_OVERRIDES))
     if bad:
-      raise ValueError(f"--resume with settings that differ from the checkpoint's: "
+      raise ValueError("--resume with settings that differ from the checkpoint's: "
                        + ", ".join(f"{k}={getattr(config, k)!r} (stored "
                                    f"{getattr(stored, k)!r})" for k in bad))
     if "steps" in changed:

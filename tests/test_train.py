@@ -13,6 +13,7 @@ from flax import nnx
 from astraea_jax import train
 from astraea_jax.data import clips
 from astraea_jax.models import small_text_encoder as ste
+from astraea_jax.models.prediction import X0_MIN_SIGMA
 from astraea_jax.models.word_tokenizer import WordTokenizer
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowUniPCConfig, make_scheduler
@@ -115,7 +116,7 @@ def test_x0_prediction_becomes_the_velocity():
   v = ste.output_to_velocity(x0, x_t, 1000.0 * sigma, "x0")
   np.testing.assert_allclose(np.asarray(v[:2]), np.asarray((noise - x0)[:2]), rtol=1e-4, atol=1e-4)
   # Below the floor the division uses X0_MIN_SIGMA, not sigma.
-  np.testing.assert_allclose(np.asarray(v[2]), np.asarray((x_t - x0)[2] / ste.X0_MIN_SIGMA),
+  np.testing.assert_allclose(np.asarray(v[2]), np.asarray((x_t - x0)[2] / X0_MIN_SIGMA),
                              rtol=1e-5, atol=1e-5)
   assert ste.output_to_velocity(x0, x_t, 1000.0 * sigma, "velocity") is x0
   with pytest.raises(ValueError, match="prediction"):

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import checkpoint
-from astraea_jax.models.prediction import PREDICTIONS, X0_MIN_SIGMA, output_to_velocity
+from astraea_jax.models.prediction import PREDICTIONS, output_to_velocity
 from astraea_jax.models.wan import WanConfig, WanTransformer3DModel, layer_norm
 from astraea_jax.models.word_tokenizer import WordTokenizer
 
