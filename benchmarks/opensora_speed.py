@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -46,11 +47,13 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration.config import AstraeaConfig
-from astraea_jax.acceleration.opensora_astraea import (K_MULTIPLE, jit_opensora_astraea_step,
-                                                      num_positions)
+from astraea_jax.acceleration.opensora_astraea import (K_MULTIPLE, OpenSoraAstraeaStepModel,
+                                                      jit_opensora_astraea_step, num_positions)
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.opensora import STDiT3, STDiT3Config
+from astraea_jax.pipeline_opensora import OpenSoraDenseStepModel
+from astraea_jax.sampling import loop, rflow
 from benchutil import (RESULTS as _RESULTS, device_slug, init_on_device,  # noqa: E402
                        kernel_times, load_schedules)
 
@@ -69,6 +72,38 @@ def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
 def peak_gib() -> float | None:
   b = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   return None if b is None else b / 2**30
+
+
+def end_to_end(graphdef, state, noise, captions, fps, h_px, w_px, steps, schedules, acfg,
+               video, deadline) -> dict[str, float | None]:
+  """Wall seconds of whole `denoise` loops: the dense step model, then each schedule's
+  `OpenSoraAstraeaStepModel`; each loop runs twice (the first compiles) and the second is timed."""
+  frames, height, width = video
+  model = nnx.merge(graphdef, state)
+  scheduler = rflow.RFlowScheduler(rflow.RFlowConfig(num_sampling_steps=steps, cfg_scale=7.0),
+                                   height=float(height), width=float(width),
+                                   num_frames=float(frames))
+  sched_state = scheduler.set_timesteps(steps)
+  cond = dict(fps=fps[:1], height=h_px[:1], width=w_px[:1])
+  models = {"dense": lambda: OpenSoraDenseStepModel(model, captions, None, **cond)}
+  for name, (_, schedule) in schedules.items():
+    models[name] = functools.partial(OpenSoraAstraeaStepModel, model, schedule, captions,
+                                     config=acfg, **cond)
+  seconds: dict[str, float | None] = {}
+  for name, make in models.items():
+    if time.perf_counter() > deadline:
+      print(f"time limit reached: no end-to-end loop of {name}", flush=True)
+      seconds[name] = None
+      continue
+    for run in range(2):
+      start = time.perf_counter()
+      out, _, _ = loop.denoise(make(), noise, scheduler, sched_state, guidance_scale=7.0,
+                               progress=False)
+      jax.block_until_ready(out)
+      seconds[name] = time.perf_counter() - start
+      print(f"{'e2e ' + name:>22}: {seconds[name]:9.2f} s{' (compiling)' if run == 0 else ''}",
+            flush=True)
+  return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--runs", type=int, default=None, help="timed calls per variant (default 3)")
   parser.add_argument("--time-limit", type=float, default=360.0,
                       help="seconds; later variants are skipped past it (partial results kept)")
+  parser.add_argument("--e2e", action="store_true",
+                      help="also time whole sampling loops (RFLOW, guidance 7) of the dense model "
+                           "and of each --schedule, as generate runs them")
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="trace the dense forward and each budget's step into DIR and "
                            "store their GPU kernel time by kernel")
@@ -174,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
   cache_gib = cache.nbytes / 2**30
   del dense_out, dense32, out
 
-  def time_step(k, name):
+  def time_step(k, name, refresh_cache=True):
     nonlocal cache
     start = time.perf_counter()
-    compiled = step.lower(*fixed, cache, num_selected=k).compile()
+    compiled = step.lower(*fixed, cache, num_selected=k, refresh_cache=refresh_cache).compile()
     cs = time.perf_counter() - start
     times, finite = [], True
     for i in range(runs + 1):
@@ -213,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     time_step(0, "astraea K=0")
   if time.perf_counter() < deadline:
     time_step(s, "astraea K=S, cached")
+  if time.perf_counter() < deadline:
+    time_step(s, "astraea K=S, light", refresh_cache=False)
   # The first step, timed last: each call builds a new cache.
   times = [first_ms]
   for _ in range(runs if time.perf_counter() < deadline else 0):
@@ -221,10 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     times.append(ms)
   record("astraea K=S, first", s, times[1:] or times, cs_first, rel_err_vs_dense=fill_err)
 
-  # 3. Loop totals: the sum over the steps of each step's per-K time.
-  def step_ms(i, k):
+  # 3. Loop totals: the sum over the steps of each step's per-K time. A dense step whose block
+  # caches no partial step reads runs light, as `OpenSoraAstraeaStepModel` does.
+  def step_ms(i, k, schedule):
     if k == s:
-      return rows["astraea K=S, first" if i == 0 else "astraea K=S, cached"]["median_ms"]
+      light = i > 0 and not schedule.block_cache_read_after(i, s, multiple=K_MULTIPLE)
+      row = rows.get("astraea K=S, " + ("first" if i == 0 else "light" if light else "cached"))
+      return None if row is None else row["median_ms"]
     row = rows.get(f"astraea K={k}")
     return None if row is None else row["median_ms"]
 
@@ -233,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                      "speedup_vs_dense": 1.0, "paper_speedup": None}}
   for budget in sorted(args.budgets, reverse=True):
     schedule = BudgetSchedule.uniform(steps, budget)
-    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE)) for i in range(steps)]
+    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE), schedule)
+           for i in range(steps)]
     total = None if None in per else sum(per) / 1e3
     loops[f"uniform {budget:g}"] = {
         "thetas": list(schedule.thetas), "k": ks[budget],
@@ -243,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
   for name, (path, schedule) in schedules.items():
-    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE)) for i in range(steps)]
+    per = [step_ms(i, schedule.num_selected(i, s, multiple=K_MULTIPLE), schedule)
+           for i in range(steps)]
     total = None if None in per else sum(per) / 1e3
     loops[f"schedule {name}"] = {
         "file": str(path), "thetas": list(schedule.thetas), "mean": schedule.mean,
@@ -251,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_dense": None if total is None else dense_loop_s / total,
         "paper_speedup": None,
     }
+
+  # 4. With --e2e: whole sampling loops (RFLOW, guidance 7), wall time of the second of two runs.
+  if args.e2e:
+    del cache
+    e2e = end_to_end(graphdef, state, latents[:1], captions, fps, h_px, w_px, steps, schedules,
+                     acfg, (frames, height, width), deadline)
+    for name, seconds in e2e.items():
+      loop = loops["dense" if name == "dense" else f"schedule {name}"]
+      loop["e2e_loop_s"] = seconds
+      if "dense" in e2e and seconds is not None:
+        loop["e2e_speedup_vs_dense"] = e2e["dense"] / seconds
 
   record_json = {
       "benchmark": "opensora_speed",
@@ -272,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
       "steps": steps,
       "budget_unit": "K = round(theta * S) patch positions per block, computed in every frame",
       "loop_time_method": ("sum over steps of the median per-step time of that step's K; step 0 "
-                           "is the dense cache-filling step"),
+                           "is the dense cache-filling step, a later dense step runs light when "
+                           "no partial step reads its cache; e2e_loop_s (--e2e): wall time of a "
+                           "whole RFLOW loop, the second of two runs"),
       "first_step_rel_err_vs_dense": fill_err,
       "token_cache_gib": cache_gib,
       "token_cache_bytes_per_token_per_block": cache_bytes_per_token_per_block(
@@ -295,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name:>22} {r['k']:>6} {r['median_ms']:>9.2f}")
   fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
   w = max(map(len, loops))
-  print(f"{'schedule':>{w}} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'paper':>6}")
+  print(f"{'schedule':>{w}} {'K':>6} {'mean':>5} {'loop s':>8} {'x dense':>7} {'e2e s':>7} "
+        f"{'e2e x':>6} {'paper':>6}")
   for name, r in loops.items():
-    print(f"{name:>{w}} {r.get('k', '-'):>6} {r['effective_mean']:>5.2f} "
-          f"{fmt(r['loop_s'], '8.2f'):>8} {fmt(r['speedup_vs_dense'], '.2f'):>7} "
+    print(f"{name:>{w}} {r.get('k', '-'):>6} {r['effective_mean']:>5.3f} "
+          f"{fmt(r['loop_s'], '8.2f'):>8} {fmt(r['speedup_vs_dense'], '.3f'):>7} "
+          f"{fmt(r.get('e2e_loop_s'), '7.2f'):>7} {fmt(r.get('e2e_speedup_vs_dense'), '.3f'):>6} "
           f"{fmt(r['paper_speedup'], '.2f'):>6}")
   return 0
 

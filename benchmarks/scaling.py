@@ -15,10 +15,16 @@ What is timed per device count (every program compiled ahead of time, compile ti
   multiple of the seq axis size P (top-k per shard), so one such step is timed over `--runs`
   calls after 1 warm-up, the cache chained from call to call as in the loop; a 50-step loop is
   step 0 + 49 x that median (the loop's guidance and solver arithmetic are not included).
+- each `--schedule FILE` (resampled to `--steps` like `generate --resample-schedule`, whole steps
+  kept whole): the loop itself, every step through the step model `generate` uses
+  (`AstraeaStepModel`, or `parallel.ShardedAstraeaStepModel` on a mesh), so a dense step that no
+  partial step follows keeps only the last block's output; one untimed pass compiles every
+  variant, the next is timed step by step (each step waited for).
 Speedups are against the 1-GPU dense loop; dense scaling efficiency = speedup / n. The sharded
 dense output is also compared with the 1-GPU output (relative L2 error, bf16).
 
-    PYTHONPATH=. python3 benchmarks/scaling.py [--devices 1 2 4] [--budget 0.5] [--runs 3]
+    PYTHONPATH=. python3 benchmarks/scaling.py [--devices 1 2 4] [--budget 0.5] [--runs 3] \
+        [--schedule benchmarks/schedules/searched_default_0.5-whole.json]
     PYTHONPATH=. python3 benchmarks/scaling.py --quick   # tiny preset on 8 fake CPU devices
 
 Writes benchmarks/results/scaling-<device>.json (device, versions, date, command, numbers);
@@ -50,7 +56,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from astraea_jax import parallel  # noqa: E402
-from astraea_jax.acceleration.astraea import jit_astraea_step, num_video_tokens  # noqa: E402
+from astraea_jax.acceleration.astraea import (  # noqa: E402
+    AstraeaStepModel,
+    jit_astraea_step,
+    num_video_tokens,
+)
 from astraea_jax.acceleration.config import AstraeaConfig  # noqa: E402
 from astraea_jax.acceleration.schedule import BudgetSchedule  # noqa: E402
 from astraea_jax.models.wan import WanConfig  # noqa: E402
@@ -97,10 +107,36 @@ def default_device_counts(visible: int) -> list[int]:
   return counts if counts[-1] == visible else counts + [visible]
 
 
-def measure(n, graphdef, state, inputs, *, steps, budget, runs, acfg, num_tokens, heads):
+def time_schedule(mesh, graphdef, state, inputs, schedule, acfg) -> dict:
+  """One pass of `schedule`'s loop that compiles every variant, then one timed pass."""
+  latents, timestep, context = inputs
+  model = nnx.merge(graphdef, state)
+  if mesh is None:
+    step_model = AstraeaStepModel(model, schedule, context, config=acfg, timed=True)
+  else:
+    step_model = parallel.ShardedAstraeaStepModel(model, schedule, context, mesh, config=acfg,
+                                                  timed=True)
+  for _ in range(2):
+    step_model.stats.clear()
+    carry, start = None, time.perf_counter()
+    for step in range(len(schedule)):
+      out, carry = step_model(latents, timestep, carry, step)
+    jax.block_until_ready(out)
+    wall = time.perf_counter() - start
+    del carry
+  assert not any(s.first_call for s in step_model.stats)
+  return {"name": schedule.name, "thetas": list(schedule.thetas), "mean": schedule.mean,
+          "k": [s.num_selected for s in step_model.stats],
+          "step_ms": [round(s.seconds * 1e3, 3) for s in step_model.stats],
+          "loop_s": sum(s.seconds for s in step_model.stats), "loop_wall_s": wall}
+
+
+def measure(n, graphdef, state, inputs, *, steps, budget, runs, acfg, num_tokens, heads,
+            schedules=()):
   """Times the dense and the ASTRAEA step on `n` devices; returns the row and the dense output."""
   latents, timestep, context = inputs
   row: dict = {"devices": n}
+  mesh = None
   schedule = BudgetSchedule.uniform(steps, budget)
   if n == 1:
     seq = 1
@@ -153,6 +189,9 @@ def measure(n, graphdef, state, inputs, *, steps, budget, runs, acfg, num_tokens
   row["dense_loop_s"] = steps * row["dense"]["median_ms"] / 1e3
   row["astraea_loop_s"] = (row["astraea"]["first_median_ms"]
                            + (steps - 1) * row["astraea"]["sparse_median_ms"]) / 1e3
+  box.clear()  # the last cache; `cache` was donated to the first sparse call
+  row["schedules"] = [time_schedule(mesh, graphdef, state, inputs, sched, acfg)
+                      for sched in schedules]
   return row, dense_out
 
 
@@ -169,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--budget", type=float, default=0.5)
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--schedule", type=Path, action="append", default=[], metavar="FILE",
+                      help="also time this schedule's whole loop (repeatable; resampled to --steps)")
   parser.add_argument("--time-limit", type=float, default=420.0,
                       help="seconds; device counts not started by then are skipped")
   parser.add_argument("--out", default=None, help="JSON path (default results/scaling-<dev>.json)")
@@ -189,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{visible} x {jax.devices()[0].device_kind}, jax {jax.__version__}, {preset}, latents "
         f"[{b}, {config.in_channels}, {t}, {y}, {x}] -> N={n_tokens}, M={m}, budget {args.budget}, "
         f"devices {counts}", flush=True)
+
+  schedules = []
+  for path in args.schedule:
+    schedule = BudgetSchedule.load(path)
+    if len(schedule) != args.steps:
+      schedule = schedule.resample(args.steps)
+    schedules.append(dataclasses.replace(schedule, name=path.stem))
+    print(f"schedule {path.stem}: {len(schedule)} steps, mean {schedule.mean:.3f}", flush=True)
 
   graphdef, state = build_state(config)
   rng = np.random.default_rng(0)
@@ -212,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     row, out = measure(n, graphdef, state, inputs, steps=args.steps, budget=args.budget,
                        runs=args.runs, acfg=acfg, num_tokens=n_tokens,
-                       heads=config.num_attention_heads)
+                       heads=config.num_attention_heads, schedules=schedules)
     if reference is None and n == 1:
       reference = out
     if reference is not None:
@@ -230,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     r["dense_scaling_efficiency"] = (None if base is None
                                      else r["dense_speedup_vs_1_device_dense"] / r["devices"])
     r["astraea_speedup_vs_1_device_dense"] = None if base is None else base / r["astraea_loop_s"]
+    for sched in r["schedules"]:
+      sched["speedup_vs_1_device_dense"] = None if base is None else base / sched["loop_s"]
 
   record = {
       "benchmark": "scaling",
@@ -274,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['astraea_loop_s']:>14.2f} {fmt(r['dense_speedup_vs_1_device_dense'], '.2f'):>7} "
           f"{fmt(r['dense_scaling_efficiency'], '.0%'):>5} "
           f"{fmt(r['astraea_speedup_vs_1_device_dense'], '.2f'):>9}")
+  for r in rows:
+    for sched in r["schedules"]:
+      computed = sum(1 for k in sched["k"] if k)
+      print(f"{r['devices']} device(s), schedule {sched['name']} (mean {sched['mean']:.3f}, "
+            f"{computed}/{len(sched['k'])} steps computed): loop {sched['loop_s']:.2f} s, "
+            f"{fmt(sched['speedup_vs_1_device_dense'], '.3f')}x vs 1-device dense")
   return 0
 
 
