@@ -16,7 +16,8 @@ cache step: every block returns its cached output, so the head reads the last bl
 first step of a run must be dense (there is no cache before it). k is a static argument: each
 distinct k compiles once. A dense step whose cache no partial step reads (`refresh_cache=False`:
 the next step that computes tokens is dense too, or there is none) runs the plain blocks and keeps
-only the last block's output, all that k = 0 steps read; it then costs what the dense model costs.
+only the last block's output, all that k = 0 steps read (`TokenCache.last_output`); it then costs
+what the dense model costs, and a schedule of whole steps holds no per-block cache at all.
 
 Classifier-free guidance runs as batch rows (cond and uncond halves of B), and each row selects its
 own tokens: the halves attend to different keys anyway, and per-row selection keeps the work per row
@@ -115,9 +116,9 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
     cache: the token cache from the previous step, or None at the first step.
     num_selected: k, tokens computed per block and batch row, in [0, N]; N means dense.
     config: scoring and cache options.
-    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
-      the last block's output (what k = 0 steps read); the rest of the cache is then stale, so
-      the next step that computes tokens must be dense. Ignored at other steps.
+    refresh_cache: at a dense step, False runs the plain blocks and returns a last-output cache
+      (`TokenCache.last_output`: what k = 0 steps read, none of the per-block state), so the next
+      step that computes tokens must be dense. Ignored at other steps.
     block_fn: how a block is evaluated; `compute_block` unless measuring overheads.
 
   Returns:
@@ -128,9 +129,13 @@ def astraea_forward(model, latents: jax.Array, timestep: jax.Array, context: jax
   k = int(num_selected)
   layers = _num_layers(params)
   check_step(x.shape, layers, k, cache, config)
-  if k == x.shape[1] and cache is not None and not refresh_cache:
+  if k == x.shape[1] and not refresh_cache:
     x = model.run_blocks(x, cond)  # [B, N, C]
-    return model.head(x, cond), cache.replace(out=_set_layer(cache.out, x, layers - 1))
+    return model.head(x, cond), TokenCache.last_output(x)
+  if cache is not None and cache.is_last_output:
+    if k == 0:
+      return model.head(cache.out[0], cond), cache
+    cache = None  # a dense step that refills the whole cache
   x, cache = astraea_blocks(graphdef, params, x, cond, cache, num_selected=k, config=config,
                             block_fn=block_fn)
   return model.head(x, cond), cache
@@ -149,6 +154,7 @@ def check_step(x_shape: tuple[int, int, int], num_layers: int, num_selected: int
                        "run must be dense")
   else:
     cache.check_compatible(num_layers, batch, tokens, dim, config)
+    cache.check_serves(k, tokens)
 
 
 def astraea_blocks(graphdef, params, x: jax.Array, cond, cache: TokenCache | None, *,
@@ -400,14 +406,14 @@ class AstraeaStepModel:
     k = self.num_selected(step_index, latents.shape)
     n = num_video_tokens(self._patch_size, latents.shape)
     # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and carry is not None and k == n
+    light = (self.lookahead and k == n
              and not self.block_cache_read_after(step_index, latents.shape))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     out, carry = self.timer.run(
         step_index, self.schedule.theta(step_index), k, carry is not None,
         lambda: self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k,
                              refresh_cache=not light),
-        variant=(light,))
+        variant=(light, carry is not None and carry.is_last_output))
     tokens = k / n
     self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", tokens) if k else
                         StepRecord.reused(step_index, "k=0"))

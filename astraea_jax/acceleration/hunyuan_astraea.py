@@ -99,9 +99,9 @@ def hunyuan_astraea_forward(model, latents: jax.Array, timestep: jax.Array, text
     cache: the token cache from the previous step, or None at the first step.
     num_selected: k, video tokens computed per block and batch row, in [0, N]; N means dense.
     config: scoring and cache options.
-    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
-      the last block's output (what k = 0 steps read); the rest of the cache is then stale, so
-      the next step that computes tokens must be dense. Ignored at other steps.
+    refresh_cache: at a dense step, False runs the plain blocks and returns a last-output cache
+      (`TokenCache.last_output`: what k = 0 steps read, none of the per-block state), so the next
+      step that computes tokens must be dense. Ignored at other steps.
 
   Returns:
     `(out [B, C_out, T, Y, X] fp32, cache)`, the model output and the updated cache
@@ -114,11 +114,13 @@ def hunyuan_astraea_forward(model, latents: jax.Array, timestep: jax.Array, text
   k = int(num_selected)
   check_step(x.shape, layers, k, cache, config)
   if k == 0:
+    if cache.is_last_output:
+      return model.head(cache.out[0], cond), cache
     return model.head(cache.out[layers - 1], cond), cache.replace(skips=cache.skips + 1)
-  if k == x.shape[1] and cache is not None and not refresh_cache:
+  if k == x.shape[1] and not refresh_cache:
     x = _plain_blocks(model, x, ctx, cond)  # [B, N, C]
-    return model.head(x, cond), cache.replace(out=_set_layer(cache.out, x, layers - 1))
-  if cache is None:
+    return model.head(x, cond), TokenCache.last_output(x)
+  if cache is None or cache.is_last_output:
     cache = _empty_cache(x, layers, config)
   cache = _walk_blocks(dual, single, x, ctx, cond, cache, k, config)
   return model.head(cache.out[layers - 1], cond), cache
@@ -314,7 +316,7 @@ class HunyuanAstraeaStepModel:
     k = self.num_selected(step_index, latents.shape)
     n = num_video_tokens(self._patch, latents.shape)
     # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and carry is not None and k == n
+    light = (self.lookahead and k == n
              and not self.schedule.block_cache_read_after(step_index, n))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
     out, carry = self.timer.run(
@@ -322,5 +324,5 @@ class HunyuanAstraeaStepModel:
         lambda: self._jitted(self._state, latents, timestep, self.text, self.text_mask,
                              self.pooled, self.guidance, carry, num_selected=k,
                              refresh_cache=not light),
-        variant=(light,))
+        variant=(light, carry is not None and carry.is_last_output))
     return out.astype(latents.dtype), carry

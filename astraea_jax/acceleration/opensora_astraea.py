@@ -42,7 +42,8 @@ K = S runs every block dense (exactly the dense model, to float rounding) and re
 K = 0 is a pure cache step (the head reads the last block's cache); the first step must be dense.
 A dense step whose cache no partial step reads (`refresh_cache=False`: the next step that computes
 tokens is dense too, or there is none) runs the plain blocks and keeps only the last block's output,
-which is all that K = 0 steps read; it then costs what the dense model costs.
+which is all that K = 0 steps read (`TokenCache.last_output`); it then costs what the dense model
+costs, and a schedule of whole steps holds no per-block cache at all.
 Classifier-free guidance runs as batch rows, each selecting its own positions. The scoring,
 top-k, cache and in-place walk are the Wan core's (`astraea_jax.acceleration.astraea`,
 `token_selection`, `token_cache`); `AstraeaConfig.inplace_input` has no effect here (block inputs
@@ -139,9 +140,9 @@ def opensora_astraea_forward(model, x: jax.Array, timestep: jax.Array, y: jax.Ar
     num_selected: K, patch positions computed per block and batch row (in every frame), in [0, S];
       S (`num_positions`) means dense.
     config: scoring and cache options.
-    refresh_cache: at a dense step with a cache, False runs the plain blocks and refreshes only
-      the last block's output (what K = 0 steps read); the rest of the cache is then stale, so
-      the next step that computes tokens must be dense. Ignored at other steps.
+    refresh_cache: at a dense step, False runs the plain blocks and returns a last-output cache
+      (`TokenCache.last_output`: what K = 0 steps read, none of the per-block state), so the next
+      step that computes tokens must be dense. Ignored at other steps.
     block_fn: how a block is evaluated; `compute_block` unless measuring overheads.
 
   Returns:
@@ -162,10 +163,15 @@ def opensora_astraea_forward(model, x: jax.Array, timestep: jax.Array, y: jax.Ar
                        "run must be dense")
   else:
     cache.check_compatible(2 * layers, batch, n, dim, config)
+    cache.check_serves(k, per_frame)
+    if cache.is_last_output and k == per_frame:
+      cache = None  # a dense step that refills the whole cache
 
-  if k == per_frame and cache is not None and not refresh_cache:
+  if k == per_frame and not refresh_cache:
     out = model.run_blocks(tokens, cond)  # [B, N, C]
-    cache = cache.replace(out=_set_layer(cache.out, out, 2 * layers - 1))
+    cache = TokenCache.last_output(out)
+  elif k == 0 and cache.is_last_output:
+    out = cache.out[0]
   elif k == per_frame:
     out, cache = _dense_blocks(spatial, temporal, tokens, cond, cache, config, block_fn)
   elif k == 0:
@@ -333,7 +339,7 @@ class OpenSoraAstraeaStepModel:
     k = self.num_selected(step_index, latents.shape)
     positions = num_positions(self._patch_size, latents.shape)
     # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and carry is not None and k == positions
+    light = (self.lookahead and k == positions
              and not self.schedule.block_cache_read_after(step_index, positions,
                                                           multiple=K_MULTIPLE))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
@@ -342,5 +348,5 @@ class OpenSoraAstraeaStepModel:
         lambda: self._jitted(self._state, latents, timestep, self.y, self.mask, self.fps,
                              self.height, self.width, carry, num_selected=k,
                              refresh_cache=not light),
-        variant=(light,))
+        variant=(light, carry is not None and carry.is_last_output))
     return out[:, :latents.shape[1]].astype(latents.dtype), carry

@@ -13,6 +13,9 @@ denoising steps:
 - `skips [L, B, N]` int32: consecutive steps the block has skipped it.
 - `proj [C, P]` (sketch mode only): the sketch matrix, fixed for the run.
 
+A schedule's dense step that no partial step follows needs none of this but the last block's output,
+which k = 0 steps read: `TokenCache.last_output` holds only that (`out [1, B, N, C]`, the other fields
+None), so whole-step schedules run in about the dense model's memory.
 The leading L axis matches the model's stacked block parameters, so one `lax.scan` walks both. The
 cache is a pytree that the accelerated forward returns updated; nothing is mutated in place from
 Python. Memory per token per block and batch row, sketch mode: `2 C` bytes (bf16 output) + `4 P`
@@ -36,11 +39,21 @@ __all__ = ["TokenCache", "cache_bytes_per_token_per_block"]
 class TokenCache:
   """Per-block token state carried across denoising steps; see the module docstring."""
 
-  out: jax.Array  # [L, B, N, C]
-  in_ref: jax.Array  # [L, B, N, P] f32 (sketch) or [L, B, N, C] (exact)
-  lse: jax.Array  # [L, B, N] f32
-  skips: jax.Array  # [L, B, N] int32
+  out: jax.Array  # [L, B, N, C], or [1, B, N, C] for a last-output cache
+  in_ref: jax.Array | None  # [L, B, N, P] f32 (sketch) or [L, B, N, C] (exact)
+  lse: jax.Array | None  # [L, B, N] f32
+  skips: jax.Array | None  # [L, B, N] int32
   proj: jax.Array | None = None  # [C, P], sketch mode only
+
+  @classmethod
+  def last_output(cls, x: jax.Array) -> TokenCache:
+    """A cache of the last block's output `x [B, N, C]` only: enough for k = 0 steps and for a
+    dense step (which refills a full cache), not for a partial step."""
+    return cls(out=x[None], in_ref=None, lse=None, skips=None)
+
+  @property
+  def is_last_output(self) -> bool:
+    return self.lse is None
 
   @property
   def num_layers(self) -> int:
@@ -58,6 +71,13 @@ class TokenCache:
   def delta_mode(self) -> str:
     return "exact" if self.proj is None else "sketch"
 
+  def check_serves(self, num_selected: int, num_dense: int) -> None:
+    """ValueError if a last-output cache is asked for a partial step (0 < k < dense k)."""
+    if self.is_last_output and 0 < num_selected < num_dense:
+      raise ValueError(f"num_selected={num_selected} < {num_dense} needs the per-block cache of a "
+                       "dense step run with refresh_cache=True; this one kept only the last "
+                       "block's output")
+
   @property
   def nbytes(self) -> int:
     """Bytes held by the cache's arrays (the sketch matrix included)."""
@@ -67,6 +87,11 @@ class TokenCache:
   def check_compatible(self, num_layers: int, batch_size: int, num_tokens: int, dim: int,
                        config: AstraeaConfig) -> None:
     """Raises ValueError if this cache was not made for these shapes and this delta mode."""
+    if self.is_last_output:
+      if tuple(self.out.shape) != (1, batch_size, num_tokens, dim):
+        raise ValueError(f"last-output cache {tuple(self.out.shape)} does not match [1, B, N, C]="
+                         f"{(1, batch_size, num_tokens, dim)}")
+      return
     want = (num_layers, batch_size, num_tokens, dim)
     if tuple(self.out.shape) != want:
       raise ValueError(f"token cache out {tuple(self.out.shape)} does not match "

@@ -155,8 +155,8 @@ def sharded_astraea_forward(model, latents: jax.Array, timestep: jax.Array, cont
   `num_selected` (k, per batch row) must be a multiple of P: each device computes the top k/P of
   its own N/P tokens. `config.selection_chunks` must be 1 or P (both mean per shard here). The
   returned cache is sharded like the tokens (`[L, B, N, ...]`, N along "seq"). `refresh_cache`
-  as for `astraea_forward`: False at a dense step with a cache runs the plain sharded blocks and
-  refreshes only the last block's output.
+  as for `astraea_forward`: False at a dense step runs the plain sharded blocks and returns a
+  last-output cache.
   """
   x, cond = model.embed(latents, timestep, context)  # x [B, N, C]
   _check_fits(mesh, x.shape)
@@ -165,11 +165,14 @@ def sharded_astraea_forward(model, latents: jax.Array, timestep: jax.Array, cont
   k = int(num_selected)
   layers = jax.tree.leaves(params)[0].shape[0]
   check_step(x.shape, layers, k, cache, config)
-  if k == x.shape[1] and cache is not None and not refresh_cache:
+  if k == x.shape[1] and not refresh_cache:
     x = _dense_blocks(model, x, cond, mesh, strategy)  # [B, N, C]
-    out = jax.lax.dynamic_update_index_in_dim(cache.out, x.astype(cache.out.dtype), layers - 1, 0)
-    out = jax.lax.with_sharding_constraint(out, sharding(mesh, "layers", *TOKENS))
-    return model.head(x, cond), cache.replace(out=out)
+    last = jax.lax.with_sharding_constraint(x[None], sharding(mesh, "layers", *TOKENS))
+    return model.head(x, cond), TokenCache(out=last, in_ref=None, lse=None, skips=None)
+  if cache is not None and cache.is_last_output:
+    if k == 0:
+      return model.head(cache.out[0], cond), cache
+    cache = None  # a dense step that refills the whole cache
   if k % p:
     raise ValueError(f"num_selected={k} must be a multiple of the seq axis size {p} (top-k per "
                      "shard); see round_num_selected")
