@@ -196,6 +196,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{row['temp_gib'] or 0:.2f} GiB, peak {row['peak_gib'] or 0:.2f} GiB)", flush=True)
     return row
 
+  def time_chained(compiled, cache):
+    """`runs + 1` calls of `compiled(*fixed, cache)`, the cache chained, the first a warm-up:
+    (times in ms, the last output, the last cache)."""
+    times = []
+    for i in range(args.runs + 1):
+      start = time.perf_counter()
+      out, cache = compiled(*fixed, cache)
+      jax.block_until_ready((out, cache))
+      if i:
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, out, cache
+
   def affordable(name, seconds):
     if time.perf_counter() + seconds <= deadline:
       return True
@@ -248,13 +260,7 @@ def main(argv: list[str] | None = None) -> int:
       continue
     compiled, compile_s, temp = compile_(step, *fixed, cache, num_selected=k)
     max_compile = max(max_compile, compile_s)
-    times = []
-    for i in range(args.runs + 1):
-      start = time.perf_counter()
-      out, cache = compiled(*fixed, cache)
-      jax.block_until_ready((out, cache))
-      if i:
-        times.append((time.perf_counter() - start) * 1e3)
+    times, out, cache = time_chained(compiled, cache)
     finite &= bool(jnp.isfinite(out).all())
     record(name, k, times, compile_s, temp)
     if args.profile and k in ks:
@@ -269,13 +275,7 @@ def main(argv: list[str] | None = None) -> int:
       out, cache = step(*fixed, cache, num_selected=n, refresh_cache=False)
       compiled, compile_s, temp = compile_(step, *fixed, cache, num_selected=n,
                                            refresh_cache=False)
-      times = []
-      for i in range(args.runs + 1):
-        start = time.perf_counter()
-        out, cache = compiled(*fixed, cache)
-        jax.block_until_ready((out, cache))
-        if i:
-          times.append((time.perf_counter() - start) * 1e3)
+      times, out, cache = time_chained(compiled, cache)
       record(name, n, times, compile_s, temp)
   memory["peak_after_sparse_steps"] = memory_stat("peak_bytes_in_use")
 

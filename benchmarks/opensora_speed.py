@@ -306,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     e2e = end_to_end(graphdef, state, latents[:1], captions, fps, h_px, w_px, steps, schedules,
                      acfg, (frames, height, width), deadline)
     for name, seconds in e2e.items():
-      loop = loops["dense" if name == "dense" else f"schedule {name}"]
-      loop["e2e_loop_s"] = seconds
+      row = loops["dense" if name == "dense" else f"schedule {name}"]
+      row["e2e_loop_s"] = seconds
       if "dense" in e2e and seconds is not None:
-        loop["e2e_speedup_vs_dense"] = e2e["dense"] / seconds
+        row["e2e_speedup_vs_dense"] = e2e["dense"] / seconds
 
   record_json = {
       "benchmark": "opensora_speed",
@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
       "steps": steps,
       "budget_unit": "K = round(theta * S) patch positions per block, computed in every frame",
       "loop_time_method": ("sum over steps of the median per-step time of that step's K; step 0 "
-                           "is the dense cache-filling step, a later dense step runs light when "
-                           "no partial step reads its cache; e2e_loop_s (--e2e): wall time of a "
+                           "is the dense cache-filling step; a dense step (step 0 included) runs "
+                           "light when no partial step reads its cache; e2e_loop_s (--e2e): wall time of a "
                            "whole RFLOW loop, the second of two runs"),
       "first_step_rel_err_vs_dense": fill_err,
       "token_cache_gib": cache_gib,

@@ -43,7 +43,7 @@ from flax import nnx
 
 from astraea_jax.acceleration.config import AstraeaConfig
 from astraea_jax.acceleration.method_stats import StepRecord
-from astraea_jax.acceleration.schedule import BudgetSchedule
+from astraea_jax.acceleration.schedule import BudgetSchedule, first_computing_step_is_partial
 from astraea_jax.acceleration.token_cache import TokenCache
 from astraea_jax.acceleration.token_selection import (
     gather_rows,
@@ -389,12 +389,10 @@ class AstraeaStepModel:
   def block_cache_read_after(self, step_index: int, latents_shape: tuple[int, ...]) -> bool:
     """`BudgetSchedule.block_cache_read_after` with this model's k (`num_selected`, which a
     subclass may round): whether the first later step that computes tokens is partial."""
-    n = num_video_tokens(self._patch_size, latents_shape)
-    for later in range(step_index + 1, len(self.schedule)):
-      k = self.num_selected(later, latents_shape)
-      if k:
-        return k < n
-    return False
+    return first_computing_step_is_partial(
+        (self.num_selected(later, latents_shape)
+         for later in range(step_index + 1, len(self.schedule))),
+        num_video_tokens(self._patch_size, latents_shape))
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:

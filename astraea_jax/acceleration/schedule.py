@@ -22,10 +22,16 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["BudgetSchedule", "load_schedules", "num_selected_tokens", "shipped_schedule"]
+__all__ = [
+    "BudgetSchedule",
+    "first_computing_step_is_partial",
+    "load_schedules",
+    "num_selected_tokens",
+    "shipped_schedule",
+]
 
 _FORMAT = "astraea-budget-schedule"
 _VERSION = 1
@@ -184,11 +190,9 @@ class BudgetSchedule:
     partial. A dense step whose cache is not read can skip writing it (the step models'
     `refresh_cache=False`), which makes it cost what the dense model costs.
     """
-    for later in range(step + 1, len(self.thetas)):
-      k = self.num_selected(later, num_tokens, multiple=multiple)
-      if k:
-        return k < num_tokens
-    return False
+    return first_computing_step_is_partial(
+        (self.num_selected(later, num_tokens, multiple=multiple)
+         for later in range(step + 1, len(self.thetas))), num_tokens)
 
   def effective_mean(self, num_tokens: int, *, multiple: int = 1) -> float:
     """Mean fraction of tokens actually computed, after rounding k and forcing step 0 dense."""
@@ -230,6 +234,15 @@ class BudgetSchedule:
   @classmethod
   def from_thetas(cls, thetas: Sequence[float], name: str = "") -> BudgetSchedule:
     return cls(tuple(thetas), name=name)
+
+
+def first_computing_step_is_partial(ks: Iterable[int], num_tokens: int) -> bool:
+  """Whether the first k > 0 of `ks` (the k of the steps after one, in order) is below N: the
+  test of `BudgetSchedule.block_cache_read_after`, for callers whose k are rounded differently."""
+  for k in ks:
+    if k:
+      return k < num_tokens
+  return False
 
 
 def load_schedules(folder: str | os.PathLike) -> tuple[BudgetSchedule, ...]:

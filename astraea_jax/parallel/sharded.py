@@ -167,8 +167,9 @@ def sharded_astraea_forward(model, latents: jax.Array, timestep: jax.Array, cont
   check_step(x.shape, layers, k, cache, config)
   if k == x.shape[1] and not refresh_cache:
     x = _dense_blocks(model, x, cond, mesh, strategy)  # [B, N, C]
-    last = jax.lax.with_sharding_constraint(x[None], sharding(mesh, "layers", *TOKENS))
-    return model.head(x, cond), TokenCache(out=last, in_ref=None, lse=None, skips=None)
+    cache = TokenCache.last_output(x)
+    out = jax.lax.with_sharding_constraint(cache.out, sharding(mesh, "layers", *TOKENS))
+    return model.head(x, cond), cache.replace(out=out)
   if cache is not None and cache.is_last_output:
     if k == 0:
       return model.head(cache.out[0], cond), cache
