@@ -202,6 +202,9 @@ class HunyuanPipeline:
     vae: the `hunyuan_vae.HunyuanVAEDecoder`.
     template: the Llama prompt template and its crop.
     shift: the flow shift of the release's scheduler (7).
+    vae_tiling: how the VAE decodes: frame-wise and in 256 px tiles by default (diffusers'
+      `vae.decode` after `enable_tiling()`, as HunyuanVideo's model card runs it), so that a
+      720p x 129-frame clip decodes in the memory of one tile.
   """
 
   name: str
@@ -217,6 +220,7 @@ class HunyuanPipeline:
   defaults: HunyuanGenerationConfig = HunyuanGenerationConfig()
   default_prompt: str | None = None
   prediction: str = "velocity"
+  vae_tiling: hunyuan_vae.VAETiling = hunyuan_vae.VAETiling(spatial=True)
 
   def latent_shape(self, cfg) -> tuple[int, int, int, int]:
     """`(C, T, Y, X)` of the latents; GenerationError if the request does not fit the model."""
@@ -250,10 +254,11 @@ class HunyuanPipeline:
     _, pooled = clip_text.encode_ids(self.text_encoder_2, ids2)
     return text, text_mask, pooled.astype(self.transformer.config.dtype)
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """Latents `[B, C, T, Y, X]` -> video `[B, 3, F, H, W]` in about [-1, 1]."""
+  def decode(self, latents: jax.Array, *, progress: bool = False) -> jax.Array:
+    """Latents `[B, C, T, Y, X]` -> video `[B, 3, F, H, W]` in about [-1, 1] (tiled as
+    `vae_tiling` says)."""
     scaled = latents.astype(jnp.float32) / np.float32(self.vae.config.scaling_factor)
-    return hunyuan_vae.decode_jit(self.vae, scaled)
+    return hunyuan_vae.decode_tiled(self.vae, scaled, self.vae_tiling, progress=progress)
 
   def generate(self, prompts: Sequence[str], cfg=None, *, schedule: BudgetSchedule | None = None,
                astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True,
@@ -291,7 +296,7 @@ class HunyuanPipeline:
                                 progress=progress, prediction=self.prediction)
 
     start = time.perf_counter()
-    video = jax.block_until_ready(self.decode(latents))  # [B, 3, F, H, W]
+    video = jax.block_until_ready(self.decode(latents, progress=progress))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
     frames = to_frames(video)  # [B, F, H, W, 3]
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from astraea_jax.models import hunyuan_vae as hv
+from astraea_jax.models import hunyuan_vae_tiling as tiling
 from checkpoints_convert import hunyuan_vae as convert_vae
 from checkpoints_convert import safetensors_io
 from checkpoints_convert.common import CheckpointError
@@ -44,6 +45,66 @@ def test_decode_matches_diffusers(vae):
   scaled = np.asarray(jax.jit(lambda v, x: v.decode_scaled(x))(vae, jnp.asarray(
       z * np.float32(TINY.scaling_factor))))
   np.testing.assert_allclose(scaled, out, rtol=1e-4, atol=1e-4 * np.max(np.abs(ref)))
+
+
+def _tiling_of(golden) -> hv.VAETiling:
+  t = json.loads(str(golden["tiling"]))
+  return hv.VAETiling(spatial=True, **{k.removeprefix("tile_sample_"): v for k, v in t.items()})
+
+
+def test_framewise_decode_matches_diffusers(vae):
+  """diffusers' default decode of 6 latent frames: chunks of 5 every 3, blended over 4 frames."""
+  golden = np.load(GOLDEN / "tiled.npz")
+  z, ref = golden["z_framewise"], golden["video_framewise"]
+  assert ref.shape == (1, 3, TINY.num_frames(6), 32, 48)
+  assert tiling.num_tiles(z.shape, hv.VAETiling(), 8, 4) == 2
+  out = np.asarray(hv.decode_tiled(vae, jnp.asarray(z)))
+  err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+  print(f"hunyuan VAE frame-wise decode vs diffusers: max relative error {err:.3g}")
+  assert err < 1e-4, err
+  # Frame-wise decoding is not the whole-clip decode (GroupNorm statistics are per chunk).
+  whole = np.asarray(hv.decode_jit(vae, jnp.asarray(z)))
+  assert np.max(np.abs(whole - ref)) > 100 * err * np.max(np.abs(ref))
+
+
+def test_spatial_and_framewise_tiles_match_diffusers(vae):
+  """`enable_tiling` with small tiles: edge tiles of 1 and 2 latents, chunks of 1 to 3 frames."""
+  golden = np.load(GOLDEN / "tiled.npz")
+  z, ref = golden["z_tiled"], golden["video_tiled"]
+  cfg = _tiling_of(golden)
+  assert ref.shape == (1, 3, TINY.num_frames(4), 56, 40)
+  assert tiling.num_tiles(z.shape, cfg, 8, 4) == 4 * 3 * 2
+  out = np.asarray(hv.decode_tiled(vae, jnp.asarray(z), cfg))
+  err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+  print(f"hunyuan VAE tiled decode vs diffusers: max relative error {err:.3g}")
+  assert err < 1e-4, err
+
+
+def test_blend_is_diffusers_linear_ramp():
+  a = jnp.arange(2 * 5, dtype=jnp.float32).reshape(1, 2, 5) + 100
+  b = jnp.zeros((1, 2, 3), jnp.float32)
+  out = np.asarray(tiling.blend(a, b, 4, axis=2))  # e = min(5, 3, 4) = 3
+  w = np.arange(3) / 3
+  np.testing.assert_allclose(out, np.asarray(a)[:, :, -3:] * (1 - w), rtol=1e-6)
+  assert tiling.blend(a, b, 0, axis=2) is b
+
+
+def test_tiling_small_latents_decode_whole(vae):
+  """Latents within one tile and one chunk decode in one call, as diffusers does."""
+  golden = np.load(GOLDEN / "io.npz")
+  z = jnp.asarray(golden["z"])
+  assert tiling.num_tiles(z.shape, hv.VAETiling(spatial=True), 8, 4) == 1
+  np.testing.assert_array_equal(np.asarray(hv.decode_tiled(vae, z, hv.VAETiling(spatial=True))),
+                                np.asarray(hv.decode_jit(vae, z)))
+
+
+def test_tiling_rejects_bad_sizes(vae):
+  with pytest.raises(ValueError, match="stride must be in"):
+    hv.VAETiling(min_height=128, stride_height=192)
+  with pytest.raises(ValueError, match="stride_width=4 is less than one latent"):
+    hv.decode_tiled(vae, jnp.zeros((1, 4, 2, 4, 4)), hv.VAETiling(spatial=True, stride_width=4))
+  with pytest.raises(ValueError, match="latents must be"):
+    hv.decode_tiled(vae, jnp.zeros((1, 3, 2, 4, 4)))
 
 
 def test_decode_rejects_bad_latents(vae):

@@ -41,10 +41,10 @@ C channels, T latent frames (F video frames), Y, X latent height and width (H, W
 attention positions. Parameter names follow diffusers' keys (`decoder.up_blocks.1.resnets.0.conv1
 .conv.weight` -> `decoder.up_blocks.1.resnets.0.conv1.conv.kernel`), so
 checkpoints_convert/hunyuan_vae.py is one layout rule per tensor. Conv3d kernels are stored
-`[kt, kh, kw, I, O]`, Linear kernels `[I, O]`. Tiling and slicing are not ported (`decode` always
-runs the whole latent at once, which is what diffusers does below its frame-wise threshold of
-4 latent frames and its 256 px spatial tiles); the mid-block attention materialises its
-`[B, N, N]` scores, fine for small latents only.
+`[kt, kh, kw, I, O]`, Linear kernels `[I, O]`. `decode` runs the whole latent at once (the
+mid-block attention materialises its `[B, N, N]` scores, fine for small latents only);
+`decode_tiled` decodes as diffusers' `vae.decode` does, frame-wise past 4 latent frames and, with
+`VAETiling(spatial=True)` (diffusers' `enable_tiling()`), in 256 px tiles (`hunyuan_vae_tiling`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from astraea_jax.models.hunyuan_vae_tiling import VAETiling, tiled_decode
 from astraea_jax.models.opensora_vae import GroupNorm, Linear
 
 F32 = jnp.float32
@@ -68,8 +69,10 @@ __all__ = [
     "HunyuanVAEConfig",
     "HunyuanVAEDecoder",
     "PRESETS",
+    "VAETiling",
     "causal_frame_mask",
     "decode_jit",
+    "decode_tiled",
     "from_params",
 ]
 
@@ -379,6 +382,23 @@ def decode_jit(vae: HunyuanVAEDecoder, z: jax.Array) -> jax.Array:
   """Jitted `vae.decode` (one compile per latent shape)."""
   graphdef, state = nnx.split(vae)
   return _decode_jit(graphdef, state, jnp.asarray(z))
+
+
+def decode_tiled(vae: HunyuanVAEDecoder, z: jax.Array, tiling: VAETiling = VAETiling(), *,
+                 progress: bool = False) -> jax.Array:
+  """diffusers' `vae.decode(z).sample` with its tiling: `[B, C, T, Y, X] -> [B, 3, F, H, W]`.
+
+  The default `tiling` is diffusers' default (frame-wise past 4 latent frames, no spatial tiles);
+  `VAETiling(spatial=True)` is `vae.enable_tiling()`. Each tile shape compiles once.
+  """
+  cfg = vae.config
+  z = jnp.asarray(z)
+  if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
+    raise ValueError(f"latents must be [B, {cfg.latent_channels}, T, Y, X], got shape "
+                     f"{tuple(z.shape)}")
+  return tiled_decode(functools.partial(decode_jit, vae), z, tiling,
+                      spatial_ratio=cfg.spatial_compression_ratio,
+                      temporal_ratio=cfg.temporal_compression_ratio, progress=progress)
 
 
 def from_params(config: HunyuanVAEConfig, params: Any) -> HunyuanVAEDecoder:

@@ -18,10 +18,17 @@ Writes under tests/goldens/hunyuan_vae/:
   io.npz   z [1, 4, 3, 4, 6] (B, C, T, Y, X; T, Y, X all different) and diffusers'
            `vae.decode(z).sample` [1, 3, 9, 32, 48] (F = (T - 1) * 4 + 1 frames), plus the
            versions used.
+  tiled.npz
+           diffusers' tiled decoding (`tiled_decode` / `_temporal_tiled_decode`): `z_framewise`
+           [1, 4, 6, 4, 6] and its default `vae.decode` (frame-wise: 6 > 16 // 4 latent frames, in
+           chunks of 5 every 3); `z_tiled` [1, 4, 4, 7, 5] and its decode after
+           `enable_tiling(**TILING)` (32 px tiles every 24, 8-frame chunks every 4, so edge tiles of
+           1 and 2 latents and chunks of 1-3 latent frames occur).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import diffusers
@@ -35,6 +42,11 @@ CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4,
               scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
               mid_block_add_attention=True)
 Z_SHAPE = (1, 4, 3, 4, 6)
+Z_FRAMEWISE_SHAPE = (1, 4, 6, 4, 6)
+Z_TILED_SHAPE = (1, 4, 4, 7, 5)
+TILING = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
+              tile_sample_stride_height=24, tile_sample_stride_width=24,
+              tile_sample_stride_num_frames=4)
 
 
 def make_vae() -> AutoencoderKLHunyuanVideo:
@@ -61,6 +73,19 @@ def main() -> None:
     video = vae.decode(z).sample
   assert video.shape == (1, 3, (Z_SHAPE[2] - 1) * 4 + 1, Z_SHAPE[3] * 8, Z_SHAPE[4] * 8)
   np.savez(OUT / "io.npz", z=z.numpy(), video=video.numpy(),
+           versions=np.array(f"diffusers {diffusers.__version__}, torch {torch.__version__}"))
+  # Tiled decoding: the defaults decode frame-wise past 4 latent frames; enable_tiling adds spatial tiles.
+  z_framewise = torch.randn(*Z_FRAMEWISE_SHAPE, generator=torch.Generator().manual_seed(2))
+  z_tiled = torch.randn(*Z_TILED_SHAPE, generator=torch.Generator().manual_seed(3))
+  with torch.no_grad():
+    assert vae.use_framewise_decoding and not vae.use_tiling
+    video_framewise = vae.decode(z_framewise).sample
+    vae.enable_tiling(**TILING)
+    video_tiled = vae.decode(z_tiled).sample
+    vae.disable_tiling()
+  np.savez(OUT / "tiled.npz", z_framewise=z_framewise.numpy(),
+           video_framewise=video_framewise.numpy(), z_tiled=z_tiled.numpy(),
+           video_tiled=video_tiled.numpy(), tiling=np.array(json.dumps(TILING)),
            versions=np.array(f"diffusers {diffusers.__version__}, torch {torch.__version__}"))
   total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
   print(f"wrote {OUT} ({total / 1024:.0f} KiB), video {tuple(video.shape)}, "
