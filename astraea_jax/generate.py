@@ -352,7 +352,7 @@ def run(argv: list[str] | None = None) -> int:
       raise ValueError(f"--dense-first {args.dense_first} must lie in [0, 1)")
     dense_steps = round(args.dense_first * cfg.steps)
     shipped = (None if args.uniform or dense_steps else
-               shipped_schedule(getattr(pipe, "schedules", ()), theta, cfg.steps))
+               shipped_schedule(pipe.schedules, theta, cfg.steps))
     if shipped is not None:
       schedule = shipped
       print(f"budget {theta:g}: the model's searched schedule {shipped.name!r}, thetas "

@@ -205,6 +205,8 @@ class HunyuanPipeline:
     vae_tiling: how the VAE decodes: frame-wise and in 256 px tiles by default (diffusers'
       `vae.decode` after `enable_tiling()`, as HunyuanVideo's model card runs it), so that a
       720p x 129-frame clip decodes in the memory of one tile.
+    schedules: budget schedules searched for this model (the folder's `schedules/*.json`), which
+      `generate --budget` runs where one has that mean and `--steps`.
   """
 
   name: str
@@ -221,6 +223,7 @@ class HunyuanPipeline:
   default_prompt: str | None = None
   prediction: str = "velocity"
   vae_tiling: hunyuan_vae.VAETiling = hunyuan_vae.VAETiling(spatial=True)
+  schedules: tuple[BudgetSchedule, ...] = ()
 
   def latent_shape(self, cfg) -> tuple[int, int, int, int]:
     """`(C, T, Y, X)` of the latents; GenerationError if the request does not fit the model."""

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule, opensora_astraea
+from astraea_jax.acceleration.schedule import load_schedules
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
                                   check_sampling_fields, check_single_device, computed_fraction,
                                   initial_noise, to_frames)
@@ -134,6 +135,8 @@ class OpenSoraPipeline:
     text_length: T5 tokens (300).
     condition_dtype: dtype of the timestep-transform arithmetic ("bfloat16" as sample.py runs).
     prediction: "velocity" (RFLOW's `x_0 - noise`, added with dt > 0 by its scheduler).
+    schedules: budget schedules searched for this model (the folder's `schedules/*.json`), which
+      `generate --budget` runs where one has that mean and `--steps`.
   """
 
   name: str
@@ -147,6 +150,7 @@ class OpenSoraPipeline:
   text_length: int = 300
   condition_dtype: str = "bfloat16"
   prediction: str = "velocity"
+  schedules: tuple[BudgetSchedule, ...] = ()
 
   @property
   def spatial_stride(self) -> int:
@@ -312,6 +316,10 @@ def load_opensora_pipeline(path: str | os.PathLike, *, text_dtype=jnp.float32,
   if missing:
     raise error(f"{str(root)!r} lacks {', '.join(missing)}")
   try:
+    schedules = load_schedules(root / "schedules")
+  except ValueError as e:
+    raise error(str(e)) from None
+  try:
     transformer = opensora.load_pretrained(str(root / "transformer"))
     text_encoder = t5.load_encoder(root / "text_encoder", dtype=text_dtype)
     vae = opensora_vae.load_checkpoint(root / "vae", dtype=vae_dtype)
@@ -319,5 +327,6 @@ def load_opensora_pipeline(path: str | os.PathLike, *, text_dtype=jnp.float32,
     tokenizer = UMT5Tokenizer(root / "tokenizer", max_length=text_length)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise error(f"cannot load {str(root)!r}: {e}") from e
-  return assemble(root.name, transformer, text_encoder, tokenizer, vae,
+  pipe = assemble(root.name, transformer, text_encoder, tokenizer, vae,
                   text_length=text_length, fps=int(meta.get("fps", 24)))
+  return dataclasses.replace(pipe, schedules=schedules)

@@ -68,6 +68,7 @@ def load_pipeline(src: str | os.PathLike, *, dtype: str = "bf16", template=None)
   # The library sits below the converters; only this entry point joins them.
   from astraea_jax.models import clip_text, hunyuan, hunyuan_vae, llama_text  # pylint: disable=import-outside-toplevel
   from astraea_jax.models.clip_tokenizer import build_clip_tokenizer  # pylint: disable=import-outside-toplevel
+  from astraea_jax.acceleration.schedule import load_schedules  # pylint: disable=import-outside-toplevel
   from astraea_jax.pipeline_hunyuan import (HunyuanPipeline,  # pylint: disable=import-outside-toplevel
                                             PaddedTokenizer, TextTemplate)
 
@@ -82,6 +83,10 @@ def load_pipeline(src: str | os.PathLike, *, dtype: str = "bf16", template=None)
     raise CheckpointError(f"{str(root)!r} lacks {', '.join(missing)}")
   if dtype not in _DTYPES:
     raise CheckpointError(f"{dtype=} must be one of {sorted(_DTYPES)}")
+  try:
+    schedules = load_schedules(root / "schedules")
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
   short, long, compute = _DTYPES[dtype]
   config, params = transformer_convert.load_params(root / "transformer", dtype=short)
   transformer = hunyuan.from_params(config, params)
@@ -109,7 +114,8 @@ def load_pipeline(src: str | os.PathLike, *, dtype: str = "bf16", template=None)
     raise CheckpointError(str(e)) from None
   return HunyuanPipeline(name=root.name, transformer=transformer, text_encoder=text_encoder,
                          tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                         tokenizer_2=tokenizer_2, vae=vae, template=template, shift=_shift(root))
+                         tokenizer_2=tokenizer_2, vae=vae, template=template, shift=_shift(root),
+                         schedules=schedules)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

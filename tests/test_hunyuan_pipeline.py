@@ -129,6 +129,7 @@ def test_bad_folders(tmp_path):
 
 def test_generate_cli_runs_a_hunyuan_folder(tmp_path, capsys):
   from astraea_jax import generate
+  from astraea_jax.acceleration import BudgetSchedule
   folder = tmp_path / "HunyuanVideo"
   shutil.copytree(FOLDER, folder)
   # HunyuanVideo's own template needs 95 + 256 positions; RoPE has no weights, so only the config
@@ -142,6 +143,14 @@ def test_generate_cli_runs_a_hunyuan_folder(tmp_path, capsys):
                       str(out)])
   assert rc == 0, capsys.readouterr().err
   assert out.stat().st_size > 0
+  # The folder's searched schedules stand in for --budget at their mean and length.
+  (folder / "schedules").mkdir()
+  BudgetSchedule.from_thetas([1.0, 0.0], name="whole-0.5").save(folder / "schedules" / "b.json")
+  rc = generate.main(["--model", str(folder), "--prompt", "a red fox walks on the grass", "--size",
+                      "48x32", "--frames", "9", "--steps", "2", "--budget", "0.5", "--no-gif",
+                      "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 0 and "the model's searched schedule 'whole-0.5'" in err, err
 
 
 def test_generate_cli_bad_hunyuan_folder(tmp_path, capsys, golden):

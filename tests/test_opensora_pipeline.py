@@ -196,3 +196,36 @@ def test_generate_cli_detects_the_opensora_folder(folder, tmp_path, capsys):
                         "--out", str(out)]) == 0
   assert out.stat().st_size > 0
   assert "OpenSora-tiny" in capsys.readouterr().err
+
+
+def test_generate_cli_runs_the_folders_searched_schedule(folder, tmp_path, capsys):
+  """A converted folder's `schedules/*.json` stand in for `--budget` at their mean and length."""
+  from astraea_jax import generate  # pylint: disable=import-outside-toplevel
+  from astraea_jax.acceleration import BudgetSchedule  # pylint: disable=import-outside-toplevel
+
+  own = tmp_path / "OpenSora-tiny"
+  shutil.copytree(folder, own)
+  (own / "schedules").mkdir()
+  BudgetSchedule.from_thetas([1.0, 0.0], name="whole-0.5").save(own / "schedules" / "b.json")
+  args = ["--model", str(own), "--prompt", PROMPT, "--size", "48x32", "--frames", "17", "--steps",
+          "2", "--budget", "0.5", "--no-gif", "--quiet", "--out", str(tmp_path / "fox.mp4")]
+  assert generate.main(args) == 0
+  out, err = capsys.readouterr()
+  assert "the model's searched schedule 'whole-0.5'" in err, err
+  assert "budget 0.50 " in out and "schedule whole-0.5" in err, (out, err)
+  assert generate.main(args + ["--uniform"]) == 0
+  assert "searched schedule" not in capsys.readouterr().err
+  (own / "schedules" / "bad.json").write_text("{}")
+  assert generate.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error:") and "bad.json" in err[-1], err
+
+
+def test_search_cli_names_the_models_it_runs(folder, tmp_path, capsys):
+  from astraea_jax.search import cli  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "s.json"
+  assert cli.main(["--model", str(folder), "--budget", "0.5", "--out", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:") and "search runs Wan2.1 models" in err[0]
+  assert not out.exists()

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from astraea_jax.cli_support import load_model, run_main
+from astraea_jax.pipeline import WanPipeline
 
 DEFAULT_BUDGET = 0.5
 DEFAULT_NUM_PROMPTS = 4  # the paper calibrates on 4 prompts
@@ -210,6 +211,9 @@ def run(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   pipe = load_model(args.model)
+  if not isinstance(pipe, WanPipeline):
+    raise ValueError(f"{pipe.name}: search runs Wan2.1 models (the embedded default or a Wan2.1 "
+                     "folder); for other models put schedule files in the folder's schedules/")
   overrides = {k: v for k, v in dict(frames=args.frames, steps=args.steps,
                                      guidance=args.guidance).items() if v is not None}
   if args.size is not None:
