@@ -7,8 +7,55 @@ stderr and exit status 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+COMPILE_CACHE_ENV = "ASTRAEA_COMPILE_CACHE"
+COMPILE_CACHE_HELP = ("persistent XLA compilation cache: a later run of the same model, size and "
+                      "schedule loads its compiled programs instead of compiling them (default: "
+                      f"${COMPILE_CACHE_ENV}, else ~/.cache/astraea-jax/xla; 'none': off)")
+
+
+def default_compile_cache() -> str:
+  """`$ASTRAEA_COMPILE_CACHE`, else `$XDG_CACHE_HOME/astraea-jax/xla` (`~/.cache/...`)."""
+  if os.environ.get(COMPILE_CACHE_ENV):
+    return os.environ[COMPILE_CACHE_ENV]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "astraea-jax", "xla")
+
+
+def enable_compile_cache(path: str | os.PathLike | None) -> Path | None:
+  """Points jax's persistent compilation cache at `path` (None: `default_compile_cache()`;
+  'none': off) before anything compiles; returns the folder in use, or None.
+
+  A folder the user named that cannot be created is a ValueError; the default one is skipped
+  quietly (a read-only home must not stop a run). `JAX_COMPILATION_CACHE_DIR`, where set, wins.
+  Programs that compile in under a second are not stored
+  (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` changes that).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  explicit = path is not None
+  path = default_compile_cache() if path is None else str(path)
+  if path.lower() == "none":
+    return None
+  folder = Path(path).expanduser()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+      raise PermissionError("not writable")
+  except OSError as e:
+    if explicit:
+      raise ValueError(f"--compile-cache {str(folder)!r}: cannot use it ({e})") from None
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return folder
 
 
 def load_model(name: str):

@@ -36,7 +36,8 @@ import re
 import sys
 from pathlib import Path
 
-from astraea_jax.cli_support import load_model, run_main
+from astraea_jax.cli_support import (COMPILE_CACHE_HELP, enable_compile_cache, load_model,
+                                     run_main)
 
 DEFAULT_BUDGET = 0.5
 METHODS = ("astraea", "teacache", "easycache", "pab", "step-skip")
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-gif", action="store_true", help="do not write the .gif preview beside the mp4")
   g.add_argument("--save-latents", action="store_true", help="also save the final latents (.npy)")
   g.add_argument("--quiet", action="store_true", help="no progress bar")
+  g.add_argument("--compile-cache", default=None, metavar="DIR", help=COMPILE_CACHE_HELP)
   return p
 
 
@@ -298,6 +300,7 @@ def run(argv: list[str] | None = None) -> int:
   from astraea_jax import metrics, parallel, video  # pylint: disable=import-outside-toplevel
   from astraea_jax.acceleration import BudgetSchedule, shipped_schedule  # pylint: disable=import-outside-toplevel
 
+  enable_compile_cache(args.compile_cache)  # before anything compiles
   parallel.maybe_initialize()  # several hosts: before anything touches the devices
   # Default: the most visible GPUs that split the request evenly (None); one device on CPU.
   devices = args.devices or (None if parallel.default_num_devices() > 1 else 1)

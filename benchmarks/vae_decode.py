@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             "mode": args.mode, "tiling": tiling.__dict__, "video": f"{w}x{h}x{args.frames}",
             "latents": list(shape), "decoder_calls": tiles,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}}
   try:
     start = time.perf_counter()
     video = jax.block_until_ready(hv.decode_tiled(vae, z, tiling, progress=True))

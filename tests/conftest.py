@@ -9,6 +9,10 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# The command-line tools keep a persistent compilation cache under ~/.cache by default; tests that
+# call them in-process must not start one (it would hold every later compile of the worker).
+os.environ["ASTRAEA_COMPILE_CACHE"] = "none"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -118,3 +118,44 @@ def test_help_mentions_every_flag():
   for flag in ("--model", "--prompt", "--budget", "--uniform", "--schedule", "--dense",
                "--compare-dense", "--size", "--frames", "--steps", "--guidance", "--seed", "--out", "--save-latents"):
     assert flag in text
+
+
+def test_compile_cache_stores_programs_that_a_second_run_loads(tmp_path):
+  """`--compile-cache DIR`: the first run writes its compiled programs there, a second run with
+  the same request reads them back and writes the same video."""
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  args = ("--steps", "3", "--budget", "0.5", "--no-gif", "--compile-cache", "cache")
+  for out in ("a.mp4", "b.mp4"):
+    r = subprocess.run([sys.executable, "-m", "astraea_jax.generate", "--quiet", *args, "--out", out],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    if out == "a.mp4":
+      stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+      assert stored, "nothing was written to the compilation cache"
+  assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == stored  # nothing new compiled
+  assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_compile_cache_settings(tmp_path, monkeypatch):
+  from astraea_jax import cli_support  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  assert cli_support.enable_compile_cache("none") is None
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  # A folder the user named that cannot be made is an error; the default one is skipped quietly.
+  with pytest.raises(ValueError, match="--compile-cache .*cannot use it"):
+    cli_support.enable_compile_cache(blocker / "xla")
+  monkeypatch.delenv(cli_support.COMPILE_CACHE_ENV)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+  assert cli_support.default_compile_cache() == str(blocker / "astraea-jax" / "xla")
+  assert cli_support.enable_compile_cache(None) is None
+  monkeypatch.setenv(cli_support.COMPILE_CACHE_ENV, "none")
+  assert cli_support.enable_compile_cache(None) is None
+
+
+def test_unusable_compile_cache_is_one_error_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  r = _run(tmp_path, "--steps", "2", "--out", "v.mp4", "--compile-cache", "file/xla")
+  assert r.returncode == 1 and r.stderr.strip().startswith("error: --compile-cache")
+  assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "v.mp4").exists()

@@ -25,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from astraea_jax.cli_support import load_model, run_main
+from astraea_jax.cli_support import (COMPILE_CACHE_HELP, enable_compile_cache, load_model,
+                                     run_main)
 from astraea_jax.pipeline import WanPipeline
 
 DEFAULT_BUDGET = 0.5
@@ -108,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-autotune", action="store_true",
                  help="compile the candidates' programs without GPU kernel autotuning (much "
                       "faster compiles on a GPU, possibly slower steps)")
-  g.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
-                 help="persistent XLA compilation cache, so that a resumed or repeated search "
-                      "skips compiling")
+  g.add_argument("--compile-cache", default=None, metavar="DIR", help=COMPILE_CACHE_HELP)
   g.add_argument("--devices", type=int, default=None, metavar="N",
                  help="split every population run's batch rows (candidates x prompts) over the "
                       "first N devices, parameters replicated (1: one device; default: every "
@@ -172,6 +171,7 @@ def run(argv: list[str] | None = None) -> int:
   # Several hosts (`jax.distributed`, as for generate): every process runs the same search with
   # the same seed; the population's rows are split over the devices of all processes, every
   # process reads back the same fitness values, and process 0 alone writes files and reports.
+  enable_compile_cache(args.compile_cache)  # before anything compiles
   parallel.maybe_initialize()  # before anything touches the devices (the imports below do)
   from astraea_jax.search.algorithm import GAConfig
   from astraea_jax.search.fitness import PopulationFitness, calibration_prompts
@@ -206,10 +206,6 @@ def run(argv: list[str] | None = None) -> int:
                 num_generations=args.generations, mutation_start=args.mutation_start,
                 mutation_end=args.mutation_end, step_cache_seeds=args.step_cache_seeds)
 
-  if args.compile_cache is not None:
-    args.compile_cache.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   pipe = load_model(args.model)
   if not isinstance(pipe, WanPipeline):
     raise ValueError(f"{pipe.name}: search runs Wan2.1 models (the embedded default or a Wan2.1 "
