@@ -241,8 +241,11 @@ class OpenSoraPipeline:
     video = jax.block_until_ready(self.decode(latents, cfg.frames))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
     frames = to_frames(video)  # [B, F, H, W, 3]
+    records = getattr(step_model, "records", None)  # ASTRAEA's, not the dense model's
     return GenerationResult(frames, np.asarray(latents), stats, encode_seconds, decode_seconds,
                             self.num_tokens(cfg), schedule,
+                            None if records is None else tuple(records),
+                            self.transformer.config.depth,
                             computed_fraction=computed_fraction(step_model, noise.shape, cfg.steps))
 
 

@@ -278,6 +278,10 @@ def test_denoise_with_the_step_model(model):
   assert sparse.shape == noise.shape and np.isfinite(np.asarray(sparse)).all()
   assert [s.num_selected for s in step_model.stats] == [N, N // 2, N // 2]
   assert [s.first_call for s in step_model.stats] == [True, True, False]
+  # One record per step: every dual and single block ran, on half the tokens after step 0.
+  layers = model.config.num_layers + model.config.num_single_layers
+  assert [(r.blocks, r.tokens) for r in step_model.records] == [(layers, 1.0), (layers, 0.5),
+                                                                 (layers, 0.5)]
   np.testing.assert_array_equal(cache.skips.max(), 2)  # a token may skip both sparse steps
 
   dense, _, _ = run(BudgetSchedule.dense(3))

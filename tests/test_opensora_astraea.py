@@ -260,6 +260,9 @@ def test_step_model_in_the_rflow_denoising_loop(model):
   assert isinstance(cache, TokenCache) and cache.batch_size == 2
   _assert_close(full, dense)
   assert [s.num_selected for s in half_model.stats] == [S, S // 2, 0]
+  # One record per step; the theta = 0 step runs no block.
+  assert [(r.blocks, r.tokens) for r in half_model.records] == [
+      (model.config.depth, 1.0), (model.config.depth, 0.5), (0, 0.0)]
   odd = astraea(BudgetSchedule((1.0, 7 / S, 0.0, 1.0)))  # K = 7 runs as 8 (K_MULTIPLE = 2)
   assert [odd.num_selected(i, (2, *LATENT)) for i in range(4)] == [S, 8, 0, S]
   # The generate summary's mean counts the even K the model runs, not the schedule's 7.

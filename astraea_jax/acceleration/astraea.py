@@ -321,6 +321,61 @@ class StepTimer:
     return out
 
 
+class ScheduledSteps:
+  """What the ASTRAEA step models (Wan, sharded Wan, OpenSora, HunyuanVideo) share: the schedule's
+  k at each step, the light dense step, timing and one `StepRecord` per step.
+
+  A subclass calls `_init_steps` and implements `num_tokens` (the N that k counts: video tokens,
+  or OpenSora's patch positions); it may override `num_selected` to round k. Its `__call__` hands
+  `_run_step` a function `run(k, refresh_cache) -> (out, cache)`.
+  """
+
+  schedule: BudgetSchedule
+  lookahead: bool
+  num_layers: int
+
+  def _init_steps(self, schedule: BudgetSchedule, *, num_layers: int, timed: bool,
+                  lookahead: bool) -> None:
+    self.schedule = schedule
+    self.lookahead = lookahead
+    self.num_layers = num_layers
+    self.timer = StepTimer(timed)
+    self.stats = self.timer.stats
+    self.records: list[StepRecord] = []
+
+  def num_tokens(self, latents_shape: tuple[int, ...]) -> int:
+    raise NotImplementedError
+
+  def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
+    """k of step `step_index` for latents of this shape."""
+    return self.schedule.num_selected(step_index, self.num_tokens(latents_shape))
+
+  def block_cache_read_after(self, step_index: int, latents_shape: tuple[int, ...]) -> bool:
+    """`BudgetSchedule.block_cache_read_after` with this model's k (`num_selected`, which a
+    subclass may round): whether the first later step that computes tokens is partial."""
+    return first_computing_step_is_partial(
+        (self.num_selected(later, latents_shape)
+         for later in range(step_index + 1, len(self.schedule))),
+        self.num_tokens(latents_shape))
+
+  def _run_step(self, step_index: int, latents_shape: tuple[int, ...],
+                carry: TokenCache | None, run) -> tuple[jax.Array, TokenCache]:
+    """`run(k, refresh_cache)` for this step, timed and recorded. A dense step whose block cache
+    no later step reads runs light (`refresh_cache=False`): it keeps only the last block's
+    output."""
+    k = self.num_selected(step_index, latents_shape)
+    n = self.num_tokens(latents_shape)
+    light = (self.lookahead and k == n
+             and not self.block_cache_read_after(step_index, latents_shape))
+    out, carry = self.timer.run(
+        step_index, self.schedule.theta(step_index), k, carry is not None,
+        lambda: run(k, not light),
+        variant=(light, carry is not None and carry.is_last_output))
+    self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", k / n) if k else
+                        StepRecord.reused(step_index, "k=0"))
+    return out, carry
+
+
 def _step(graphdef, state, latents, timestep, context, cache, *, num_selected, config, block_fn,
           refresh_cache=True):
   model = nnx.merge(graphdef, state)
@@ -343,7 +398,7 @@ def jit_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(),
                  static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
-class AstraeaStepModel:
+class AstraeaStepModel(ScheduledSteps):
   """`step_model(latents, timestep, carry, step_index) -> (model_output, carry)` for `denoise`.
 
   Looks up theta for `step_index` in the schedule, runs the accelerated forward with
@@ -372,27 +427,14 @@ class AstraeaStepModel:
                lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch_size = tuple(model.config.patch_size)
-    self.schedule = schedule
+    self._init_steps(schedule, num_layers=model.config.num_layers, timed=timed,
+                     lookahead=lookahead)
     self.context = context
     self.config = config
-    self.lookahead = lookahead
-    self.timer = StepTimer(timed)
-    self.stats = self.timer.stats
-    self.records: list[StepRecord] = []
-    self.num_layers = model.config.num_layers
     self._jitted = jit_astraea_step(self._graphdef, config=config)
 
-  def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
-    """k of step `step_index` for latents of this shape."""
-    return self.schedule.num_selected(step_index, num_video_tokens(self._patch_size, latents_shape))
-
-  def block_cache_read_after(self, step_index: int, latents_shape: tuple[int, ...]) -> bool:
-    """`BudgetSchedule.block_cache_read_after` with this model's k (`num_selected`, which a
-    subclass may round): whether the first later step that computes tokens is partial."""
-    return first_computing_step_is_partial(
-        (self.num_selected(later, latents_shape)
-         for later in range(step_index + 1, len(self.schedule))),
-        num_video_tokens(self._patch_size, latents_shape))
+  def num_tokens(self, latents_shape: tuple[int, ...]) -> int:
+    return num_video_tokens(self._patch_size, latents_shape)
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:
@@ -401,19 +443,9 @@ class AstraeaStepModel:
     if self.context.shape[0] != batch:
       raise ValueError(f"context batch {self.context.shape[0]} does not match latents batch "
                        f"{batch}")
-    k = self.num_selected(step_index, latents.shape)
-    n = num_video_tokens(self._patch_size, latents.shape)
-    # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and k == n
-             and not self.block_cache_read_after(step_index, latents.shape))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    out, carry = self.timer.run(
-        step_index, self.schedule.theta(step_index), k, carry is not None,
-        lambda: self._jitted(self._state, latents, timestep, self.context, carry, num_selected=k,
-                             refresh_cache=not light),
-        variant=(light, carry is not None and carry.is_last_output))
-    tokens = k / n
-    self.records.append(StepRecord.full(step_index, self.num_layers, f"k={k}", tokens) if k else
-                        StepRecord.reused(step_index, "k=0"))
-    return out, carry
+    return self._run_step(
+        step_index, latents.shape, carry,
+        lambda k, refresh: self._jitted(self._state, latents, timestep, self.context, carry,
+                                        num_selected=k, refresh_cache=refresh))
 

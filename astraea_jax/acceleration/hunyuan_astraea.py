@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from astraea_jax.acceleration.astraea import (
-    StepTimer,
+    ScheduledSteps,
     _layer_params,
     _num_layers,
     _read_before_write,
@@ -263,7 +263,7 @@ def jit_hunyuan_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig(
                  static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
-class HunyuanAstraeaStepModel:
+class HunyuanAstraeaStepModel(ScheduledSteps):
   """`step_model(latents, timestep, carry, step_index) -> (velocity, carry)` for
   `astraea_jax.sampling.loop.denoise` (flow Euler, `guidance_scale=1`: the guidance is embedded).
 
@@ -292,20 +292,17 @@ class HunyuanAstraeaStepModel:
                lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch = tuple(model.config.patch)
-    self.schedule = schedule
+    self._init_steps(schedule, num_layers=model.config.num_layers + model.config.num_single_layers,
+                     timed=timed, lookahead=lookahead)
     self.text, self.pooled, self.text_mask = text, pooled, text_mask
     batch = text.shape[0]
     self.guidance = (None if guidance is None else
                      jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)))
     self.config = config
-    self.lookahead = lookahead
-    self.timer = StepTimer(timed)
-    self.stats = self.timer.stats
     self._jitted = jit_hunyuan_astraea_step(self._graphdef, config=config)
 
-  def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
-    """k of step `step_index` for latents of this shape."""
-    return self.schedule.num_selected(step_index, num_video_tokens(self._patch, latents_shape))
+  def num_tokens(self, latents_shape: tuple[int, ...]) -> int:
+    return num_video_tokens(self._patch, latents_shape)
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, carry: TokenCache | None,
                step_index: int) -> tuple[jax.Array, TokenCache]:
@@ -313,16 +310,10 @@ class HunyuanAstraeaStepModel:
     batch = latents.shape[0]
     if self.text.shape[0] != batch:
       raise ValueError(f"text batch {self.text.shape[0]} does not match latents batch {batch}")
-    k = self.num_selected(step_index, latents.shape)
-    n = num_video_tokens(self._patch, latents.shape)
-    # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and k == n
-             and not self.schedule.block_cache_read_after(step_index, n))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    out, carry = self.timer.run(
-        step_index, self.schedule.theta(step_index), k, carry is not None,
-        lambda: self._jitted(self._state, latents, timestep, self.text, self.text_mask,
-                             self.pooled, self.guidance, carry, num_selected=k,
-                             refresh_cache=not light),
-        variant=(light, carry is not None and carry.is_last_output))
+    out, carry = self._run_step(
+        step_index, latents.shape, carry,
+        lambda k, refresh: self._jitted(self._state, latents, timestep, self.text,
+                                        self.text_mask, self.pooled, self.guidance, carry,
+                                        num_selected=k, refresh_cache=refresh))
     return out.astype(latents.dtype), carry

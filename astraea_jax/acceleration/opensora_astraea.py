@@ -61,7 +61,7 @@ from flax import nnx
 
 from astraea_jax.acceleration.astraea import (
     BlockFn,
-    StepTimer,
+    ScheduledSteps,
     _layer_params,
     _num_layers,
     _read_before_write,
@@ -287,7 +287,7 @@ def jit_opensora_astraea_step(graphdef, *, config: AstraeaConfig = AstraeaConfig
                  static_argnames=("num_selected", "refresh_cache"), donate_argnames=("cache",))
 
 
-class OpenSoraAstraeaStepModel:
+class OpenSoraAstraeaStepModel(ScheduledSteps):
   """`step_model(latents, timestep, carry, step_index) -> (velocity, carry)` for
   `astraea_jax.sampling.loop.denoise` (with `rflow.RFlowScheduler`).
 
@@ -314,16 +314,17 @@ class OpenSoraAstraeaStepModel:
                lookahead: bool = True):
     self._graphdef, self._state = nnx.split(model)
     self._patch_size = tuple(model.config.patch_size)
-    self.schedule = schedule
+    # A layer is a (spatial, temporal) block pair, as the cache stores them.
+    self._init_steps(schedule, num_layers=model.config.depth, timed=timed, lookahead=lookahead)
     self.y, self.mask = y, mask
     self.fps = jnp.asarray(fps, jnp.float32)
     self.height = jnp.asarray(height, jnp.float32)
     self.width = jnp.asarray(width, jnp.float32)
     self.config = config
-    self.lookahead = lookahead
-    self.timer = StepTimer(timed)
-    self.stats = self.timer.stats
     self._jitted = jit_opensora_astraea_step(self._graphdef, config=config)
+
+  def num_tokens(self, latents_shape: tuple[int, ...]) -> int:
+    return num_positions(self._patch_size, latents_shape)
 
   def num_selected(self, step_index: int, latents_shape: tuple[int, ...]) -> int:
     """K of step `step_index` for latents of this shape (rounded up to `K_MULTIPLE`)."""
@@ -336,17 +337,10 @@ class OpenSoraAstraeaStepModel:
     batch = latents.shape[0]
     if self.y.shape[0] != batch:
       raise ValueError(f"caption batch {self.y.shape[0]} does not match latents batch {batch}")
-    k = self.num_selected(step_index, latents.shape)
-    positions = num_positions(self._patch_size, latents.shape)
-    # A dense step whose block caches nothing reads keeps only the last block's output.
-    light = (self.lookahead and k == positions
-             and not self.schedule.block_cache_read_after(step_index, positions,
-                                                          multiple=K_MULTIPLE))
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
-    out, carry = self.timer.run(
-        step_index, self.schedule.theta(step_index), k, carry is not None,
-        lambda: self._jitted(self._state, latents, timestep, self.y, self.mask, self.fps,
-                             self.height, self.width, carry, num_selected=k,
-                             refresh_cache=not light),
-        variant=(light, carry is not None and carry.is_last_output))
+    out, carry = self._run_step(
+        step_index, latents.shape, carry,
+        lambda k, refresh: self._jitted(self._state, latents, timestep, self.y, self.mask,
+                                        self.fps, self.height, self.width, carry, num_selected=k,
+                                        refresh_cache=refresh))
     return out[:, :latents.shape[1]].astype(latents.dtype), carry
