@@ -164,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="step-skip: first steps always computed (default 1)")
   g = p.add_argument_group("devices")
   g.add_argument("--devices", type=_positive, default=None, metavar="N",
-                 help="shard over the first N devices (1: one device; default: every visible GPU "
-                      "that splits the request evenly, 1 on CPU). Several hosts: start the same "
+                 help="run on the first N devices (1: one device; default: every visible GPU "
+                      "that splits the request evenly, 1 on CPU): Wan shards its tokens and CFG "
+                      "halves over a mesh; OpenSora and HunyuanVideo split the batch rows (CFG "
+                      "halves, prompts) over the devices. Several hosts (Wan): start the same "
                       "command on each under SLURM/mpirun or with JAX_COORDINATOR_ADDRESS, "
                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID set")
   g = p.add_argument_group("output")

@@ -164,12 +164,24 @@ def check_request(prompts: Sequence[str], steps: int, schedule: BudgetSchedule |
   return prompts
 
 
-def check_single_device(name: str, family: str, *, method: Any, devices: int | None) -> None:
-  """Pipelines whose step models are not Wan's: no peer method, one device."""
+def check_peer_method(name: str, method: Any) -> None:
+  """Pipelines whose step models are not Wan's take no peer method."""
   if method is not None:
     raise GenerationError(f"{name}: the peer methods (--method) support Wan models only")
-  if devices not in (None, 1):
-    raise GenerationError(f"{name}: {family} runs on one device (devices={devices})")
+
+
+def row_groups(devices: int | None, rows: int) -> int:
+  """How many of this host's devices the `rows` batch rows of a request are split over
+  (`parallel.row_groups`): `devices` None: the most visible GPUs that split them evenly (1 on
+  CPU); else exactly `devices` (GenerationError where they do not split the rows)."""
+  from astraea_jax.parallel.row_groups import fitting_row_groups  # pylint: disable=import-outside-toplevel
+  from astraea_jax.parallel.sharded import default_num_devices  # pylint: disable=import-outside-toplevel
+
+  visible = default_num_devices() if devices is None else len(jax.local_devices())
+  try:
+    return fitting_row_groups(devices, rows, visible)
+  except ValueError as e:
+    raise GenerationError(str(e)) from None
 
 
 def initial_noise(noise: jax.Array | np.ndarray | None, shape: tuple[int, ...],

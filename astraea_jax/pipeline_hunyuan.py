@@ -38,8 +38,9 @@ from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule
 from astraea_jax.acceleration.hunyuan_astraea import HunyuanAstraeaStepModel
 from astraea_jax.models import clip_text, hunyuan_vae, llama_text
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
-                                  check_sampling_fields, check_single_device, computed_fraction,
-                                  initial_noise, to_frames)
+                                  check_peer_method, check_sampling_fields, computed_fraction,
+                                  initial_noise, row_groups, to_frames)
+from astraea_jax.parallel.row_groups import RowGroupStepModel, to_device
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowEulerScheduler
 
@@ -270,11 +271,12 @@ class HunyuanPipeline:
     """Generates one video per prompt (a batch), dense or with a token-budget schedule.
 
     `cfg`: a `HunyuanGenerationConfig` (or a `GenerationConfig`-like object with the same fields).
-    `noise` `[B, C, T, Y, X]` replaces the seeded initial latents. `devices`: one device (1 or
-    None). `method`: only None (the peer methods build Wan step models).
+    `noise` `[B, C, T, Y, X]` replaces the seeded initial latents. `devices`: the devices the
+    prompts are split over (`parallel.row_groups`; the guidance is embedded, so one row per
+    prompt); None: the most visible GPUs that split them evenly. `method`: only None (the peer methods build Wan step models).
     """
     cfg = self.defaults if cfg is None else cfg
-    check_single_device(self.name, "HunyuanVideo", method=method, devices=devices)
+    check_peer_method(self.name, method)
     prompts = check_request(prompts, cfg.steps, schedule)
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
@@ -289,11 +291,26 @@ class HunyuanPipeline:
     noise = initial_noise(noise, (b, c, t, y, x), cfg.seed)
     guidance = (jnp.full((b,), cfg.guidance * 1000.0, jnp.float32)
                 if self.transformer.config.guidance_embeds else None)
-    if schedule is None:
-      step_model: Any = HunyuanDenseStepModel(self.transformer, text, text_mask, pooled, guidance)
+
+    def make_step_model(model, text, text_mask, pooled, guidance):
+      if schedule is None:
+        return HunyuanDenseStepModel(model, text, text_mask, pooled, guidance)
+      return HunyuanAstraeaStepModel(model, schedule, text, pooled, text_mask=text_mask,
+                                     guidance=guidance, config=astraea)
+
+    groups = row_groups(devices, b)  # one row per prompt: the guidance is embedded
+    if groups == 1:
+      step_model: Any = make_step_model(self.transformer, text, text_mask, pooled, guidance)
     else:
-      step_model = HunyuanAstraeaStepModel(self.transformer, schedule, text, pooled,
-                                           text_mask=text_mask, guidance=guidance, config=astraea)
+      graphdef, params = nnx.split(self.transformer)
+      per_row = (text, text_mask, pooled, guidance)
+
+      def build(rows: slice, device):
+        return make_step_model(nnx.merge(graphdef, to_device(params, device)),
+                               *(None if a is None else to_device(a[rows], device)
+                                 for a in per_row))
+
+      step_model = RowGroupStepModel(build, b, jax.local_devices()[:groups])
     # The guidance is embedded: one forward per step, no cond/uncond pair.
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=1.0,
                                 progress=progress, prediction=self.prediction)

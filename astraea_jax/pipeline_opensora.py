@@ -42,8 +42,9 @@ from flax import nnx
 from astraea_jax.acceleration import AstraeaConfig, BudgetSchedule, opensora_astraea
 from astraea_jax.acceleration.schedule import load_schedules
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
-                                  check_sampling_fields, check_single_device, computed_fraction,
-                                  initial_noise, to_frames)
+                                  check_peer_method, check_sampling_fields, computed_fraction,
+                                  initial_noise, row_groups, to_frames)
+from astraea_jax.parallel.row_groups import RowGroupStepModel, to_device
 from astraea_jax.sampling import rflow
 from astraea_jax.sampling.loop import denoise
 
@@ -117,6 +118,22 @@ class OpenSoraDenseStepModel:
     del step_index
     return _dense_forward(self._graphdef, self._state, latents, timestep, self.y, self.mask,
                           self.fps, self.height, self.width), carry
+
+
+def split_rows(model, make, y: jax.Array, mask: jax.Array | None,
+               groups: int) -> RowGroupStepModel:
+  """`make(model, y, mask)`'s step model with the batch rows of `y` `[B', 1, M, C]` in `groups`
+  groups on this host's first devices, each with its own copy of the weights (`mask` `[B'', M]`
+  is tiled to B' rows first, as STDiT3 tiles it)."""
+  graphdef, state = nnx.split(model)
+  rows = y.shape[0]
+  mask = None if mask is None else jnp.tile(mask, (rows // mask.shape[0], 1))
+
+  def build(r: slice, device):
+    return make(nnx.merge(graphdef, to_device(state, device)), to_device(y[r], device),
+                None if mask is None else to_device(mask[r], device))
+
+  return RowGroupStepModel(build, rows, jax.local_devices()[:groups])
 
 
 @dataclasses.dataclass
@@ -196,12 +213,14 @@ class OpenSoraPipeline:
 
     `cfg`: an `OpenSoraGenerationConfig` (or a `GenerationConfig`-like object with the same
     fields; missing `aes` / `fps` take OpenSora's defaults). `noise` `[B, C, T, Y, X]` replaces the
-    seeded initial latents. `devices`: this pipeline runs on one device (1 or None). `method`: the
+    seeded initial latents. `devices`: the devices the batch rows are split over (CFG's cond
+    and uncond halves, then prompts; `parallel.row_groups`); None: the most visible GPUs that
+    split them evenly. `method`: the
     peer-method factories of `astraea_jax.pipeline.step_method` build Wan step models, so only None
     is accepted here.
     """
     cfg = self.defaults if cfg is None else cfg
-    check_single_device(self.name, "OpenSora", method=method, devices=devices)
+    check_peer_method(self.name, method)
     prompts = check_request(prompts, cfg.steps, schedule)
     c, t, y, x = self.latent_shape(cfg)
     b = len(prompts)
@@ -229,11 +248,19 @@ class OpenSoraPipeline:
     noise = initial_noise(noise, (b, c, t, y, x), cfg.seed)
 
     cond_args = dict(fps=float(model_fps), height=float(cfg.height), width=float(cfg.width))
-    if schedule is None:
-      step_model: Any = OpenSoraDenseStepModel(self.transformer, caption, text_mask, **cond_args)
+
+    def make_step_model(model, y, mask):
+      if schedule is None:
+        return OpenSoraDenseStepModel(model, y, mask, **cond_args)
+      return opensora_astraea.OpenSoraAstraeaStepModel(model, schedule, y, mask=mask,
+                                                       config=astraea, **cond_args)
+
+    rows = caption.shape[0]  # [cond; uncond] with guidance
+    groups = row_groups(devices, rows)
+    if groups == 1:
+      step_model: Any = make_step_model(self.transformer, caption, text_mask)
     else:
-      step_model = opensora_astraea.OpenSoraAstraeaStepModel(self.transformer, schedule, caption, mask=text_mask,
-                                            config=astraea, **cond_args)
+      step_model = split_rows(self.transformer, make_step_model, caption, text_mask, groups)
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=cfg.guidance,
                                 progress=progress, prediction=self.prediction)
 

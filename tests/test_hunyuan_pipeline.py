@@ -106,6 +106,19 @@ def test_astraea_full_budget_is_dense_and_half_budget_differs(pipe, golden):
   assert np.all(np.isfinite(half)) and rel_err(half, dense) > 1e-3
 
 
+def test_prompts_split_over_devices_match_one_device(pipe, golden):
+  """The golden's two prompts on two devices (one row each: the guidance is embedded)."""
+  meta, g = golden
+  cfg = request(meta)
+  for schedule in (None, BudgetSchedule.uniform(cfg.steps, 0.5)):
+    one = pipe.generate(meta["prompts"], cfg, noise=g["noise"], progress=False, schedule=schedule)
+    two = pipe.generate(meta["prompts"], cfg, noise=g["noise"], progress=False, schedule=schedule,
+                        devices=2)
+    assert rel_err(two.latents, one.latents) < 1e-5
+  with pytest.raises(GenerationError, match="3 devices do not split the request's 2 batch rows"):
+    pipe.generate(meta["prompts"], cfg, noise=g["noise"], progress=False, devices=3)
+
+
 def test_bad_requests(pipe, golden):
   meta, _ = golden
   cfg = request(meta)

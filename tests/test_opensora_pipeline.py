@@ -125,13 +125,32 @@ def test_generate_with_budget(pipe, cfg, noise, dense):
   assert not np.allclose(half.latents, dense.latents)
 
 
+def test_rows_split_over_devices_match_one_device(pipe, cfg, noise, dense):
+  """CFG's cond and uncond halves on 2 devices, and 2 prompts x 2 halves on 4: the same latents
+  as one device (each device runs the same program on fewer rows), dense and with a budget."""
+  schedule = BudgetSchedule((1.0, 0.5, 0.0))
+  two = pipe.generate([PROMPT], cfg, progress=False, noise=noise, devices=2)
+  np.testing.assert_allclose(two.latents, dense.latents, rtol=1e-5, atol=1e-5)
+  one = pipe.generate([PROMPT], cfg, progress=False, noise=noise, schedule=schedule)
+  two = pipe.generate([PROMPT], cfg, progress=False, noise=noise, schedule=schedule, devices=2)
+  np.testing.assert_allclose(two.latents, one.latents, rtol=1e-5, atol=1e-5)
+  assert [r.blocks for r in two.step_records] == [r.blocks for r in one.step_records]
+  prompts = [PROMPT, "a blue bird flies over the sea"]
+  noise2 = np.concatenate([noise, noise[:, ::-1]], axis=0)
+  one = pipe.generate(prompts, cfg, progress=False, noise=noise2, schedule=schedule)
+  four = pipe.generate(prompts, cfg, progress=False, noise=noise2, schedule=schedule, devices=4)
+  np.testing.assert_allclose(four.latents, one.latents, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(four.latents[0], four.latents[1])
+
+
 def test_request_errors(pipe, cfg):
   with pytest.raises(GenerationError, match="non-empty"):
     pipe.generate([" "], cfg, progress=False)
   with pytest.raises(GenerationError, match="schedule has 2 steps"):
     pipe.generate([PROMPT], cfg, schedule=BudgetSchedule.uniform(2, 0.5), progress=False)
-  with pytest.raises(GenerationError, match="one device"):
-    pipe.generate([PROMPT], cfg, devices=2, progress=False)
+  with pytest.raises(GenerationError, match="3 devices do not split the request's 2 batch rows "
+                     "evenly .* try --devices 2"):
+    pipe.generate([PROMPT], cfg, devices=3, progress=False)
   with pytest.raises(GenerationError, match="Wan models only"):
     pipe.generate([PROMPT], cfg, method=lambda *a, **k: None, progress=False)
   with pytest.raises(GenerationError, match="smaller"):
