@@ -41,6 +41,7 @@ from astraea_jax.pipeline import (GenerationError, GenerationResult, check_reque
                                   check_peer_method, check_sampling_fields, computed_fraction,
                                   initial_noise, row_groups, to_frames)
 from astraea_jax.parallel.row_groups import RowGroupStepModel, to_device
+from astraea_jax.parallel.sharded import default_num_devices
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowEulerScheduler
 
@@ -258,11 +259,14 @@ class HunyuanPipeline:
     _, pooled = clip_text.encode_ids(self.text_encoder_2, ids2)
     return text, text_mask, pooled.astype(self.transformer.config.dtype)
 
-  def decode(self, latents: jax.Array, *, progress: bool = False) -> jax.Array:
+  def decode(self, latents: jax.Array, *, progress: bool = False,
+             devices: int | None = 1) -> jax.Array:
     """Latents `[B, C, T, Y, X]` -> video `[B, 3, F, H, W]` in about [-1, 1] (tiled as
-    `vae_tiling` says)."""
+    `vae_tiling` says; the tiles spread over `devices` of this host, None: every GPU)."""
     scaled = latents.astype(jnp.float32) / np.float32(self.vae.config.scaling_factor)
-    return hunyuan_vae.decode_tiled(self.vae, scaled, self.vae_tiling, progress=progress)
+    count = default_num_devices() if devices is None else devices
+    return hunyuan_vae.decode_tiled(self.vae, scaled, self.vae_tiling, progress=progress,
+                                    devices=jax.local_devices()[:count])
 
   def generate(self, prompts: Sequence[str], cfg=None, *, schedule: BudgetSchedule | None = None,
                astraea: AstraeaConfig = AstraeaConfig(), progress: bool = True,
@@ -316,7 +320,8 @@ class HunyuanPipeline:
                                 progress=progress, prediction=self.prediction)
 
     start = time.perf_counter()
-    video = jax.block_until_ready(self.decode(latents, progress=progress))  # [B, 3, F, H, W]
+    video = jax.block_until_ready(
+        self.decode(latents, progress=progress, devices=devices))  # [B, 3, F, H, W]
     decode_seconds = time.perf_counter() - start
     frames = to_frames(video)  # [B, F, H, W, 3]
     records = getattr(step_model, "records", None)  # ASTRAEA's, not the dense model's

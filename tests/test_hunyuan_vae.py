@@ -78,6 +78,10 @@ def test_spatial_and_framewise_tiles_match_diffusers(vae):
   err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
   print(f"hunyuan VAE tiled decode vs diffusers: max relative error {err:.3g}")
   assert err < 1e-4, err
+  # The tiles spread over two devices: the same programs, the same result.
+  spread = hv.decode_tiled(vae, jnp.asarray(z), cfg, devices=jax.devices()[:2])
+  assert spread.devices() == {jax.devices()[0]}
+  np.testing.assert_allclose(np.asarray(spread), out, rtol=1e-6, atol=1e-6)
 
 
 def test_blend_is_diffusers_linear_ramp():

@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -384,19 +385,40 @@ def decode_jit(vae: HunyuanVAEDecoder, z: jax.Array) -> jax.Array:
   return _decode_jit(graphdef, state, jnp.asarray(z))
 
 
+def _round_robin(vae: HunyuanVAEDecoder, devices: Sequence[jax.Device], home: jax.Device):
+  """A whole-latent decode that sends its i-th call to `devices[i % D]` (each holding a copy of
+  the weights) and returns every result on `home`, so that the tiles decode concurrently."""
+  graphdef, state = nnx.split(vae)
+  states = [jax.tree.map(lambda a, d=d: jax.device_put(a, d), state) for d in devices]
+  calls = itertools.count()
+
+  def decode(z: jax.Array) -> jax.Array:
+    i = next(calls) % len(devices)
+    return jax.device_put(_decode_jit(graphdef, states[i], jax.device_put(z, devices[i])), home)
+
+  return decode
+
+
 def decode_tiled(vae: HunyuanVAEDecoder, z: jax.Array, tiling: VAETiling = VAETiling(), *,
-                 progress: bool = False) -> jax.Array:
+                 progress: bool = False,
+                 devices: Sequence[jax.Device] | None = None) -> jax.Array:
   """diffusers' `vae.decode(z).sample` with its tiling: `[B, C, T, Y, X] -> [B, 3, F, H, W]`.
 
   The default `tiling` is diffusers' default (frame-wise past 4 latent frames, no spatial tiles);
-  `VAETiling(spatial=True)` is `vae.enable_tiling()`. Each tile shape compiles once.
+  `VAETiling(spatial=True)` is `vae.enable_tiling()`. Each tile shape compiles once (per device).
+  `devices`: spread the tiles over these devices, round robin (the result lands on the first).
   """
   cfg = vae.config
   z = jnp.asarray(z)
   if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
     raise ValueError(f"latents must be [B, {cfg.latent_channels}, T, Y, X], got shape "
                      f"{tuple(z.shape)}")
-  return tiled_decode(functools.partial(decode_jit, vae), z, tiling,
+  if devices is not None and len(devices) > 1:
+    z = jax.device_put(z, devices[0])
+    decode = _round_robin(vae, devices, devices[0])
+  else:
+    decode = functools.partial(decode_jit, vae)
+  return tiled_decode(decode, z, tiling,
                       spatial_ratio=cfg.spatial_compression_ratio,
                       temporal_ratio=cfg.temporal_compression_ratio, progress=progress)
 
