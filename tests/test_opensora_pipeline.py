@@ -232,7 +232,8 @@ def test_generate_cli_runs_the_folders_searched_schedule(folder, tmp_path, capsy
   out, err = capsys.readouterr()
   assert "the model's searched schedule 'whole-0.5'" in err, err
   assert "budget 0.50 " in out and "computed 1/2 steps" in out, out
-  assert generate.main(args + ["--uniform"]) == 0
+  # --uniform: the plain budget; --devices 2: the CFG halves on two devices.
+  assert generate.main(args + ["--uniform", "--devices", "2"]) == 0
   assert "searched schedule" not in capsys.readouterr().err
   (own / "schedules" / "bad.json").write_text("{}")
   assert generate.main(args) == 1
