@@ -40,7 +40,7 @@ from astraea_jax.models import clip_text, hunyuan_vae, llama_text
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
                                   check_peer_method, check_sampling_fields, computed_fraction,
                                   initial_noise, row_groups, to_frames)
-from astraea_jax.parallel.row_groups import RowGroupStepModel, to_device
+from astraea_jax.parallel.row_groups import split_rows
 from astraea_jax.parallel.sharded import default_num_devices
 from astraea_jax.sampling.loop import denoise
 from astraea_jax.sampling.schedulers import FlowEulerConfig, FlowEulerScheduler
@@ -277,7 +277,8 @@ class HunyuanPipeline:
     `cfg`: a `HunyuanGenerationConfig` (or a `GenerationConfig`-like object with the same fields).
     `noise` `[B, C, T, Y, X]` replaces the seeded initial latents. `devices`: the devices the
     prompts are split over (`parallel.row_groups`; the guidance is embedded, so one row per
-    prompt); None: the most visible GPUs that split them evenly. `method`: only None (the peer methods build Wan step models).
+    prompt) and the VAE's tiles spread over; None: the most visible GPUs that split them evenly.
+    `method`: only None (the peer methods build Wan step models).
     """
     cfg = self.defaults if cfg is None else cfg
     check_peer_method(self.name, method)
@@ -306,15 +307,8 @@ class HunyuanPipeline:
     if groups == 1:
       step_model: Any = make_step_model(self.transformer, text, text_mask, pooled, guidance)
     else:
-      graphdef, params = nnx.split(self.transformer)
-      per_row = (text, text_mask, pooled, guidance)
-
-      def build(rows: slice, device):
-        return make_step_model(nnx.merge(graphdef, to_device(params, device)),
-                               *(None if a is None else to_device(a[rows], device)
-                                 for a in per_row))
-
-      step_model = RowGroupStepModel(build, b, jax.local_devices()[:groups])
+      step_model = split_rows(self.transformer, make_step_model,
+                              (text, text_mask, pooled, guidance), groups)
     # The guidance is embedded: one forward per step, no cond/uncond pair.
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=1.0,
                                 progress=progress, prediction=self.prediction)

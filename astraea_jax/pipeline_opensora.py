@@ -44,7 +44,7 @@ from astraea_jax.acceleration.schedule import load_schedules
 from astraea_jax.pipeline import (GenerationError, GenerationResult, check_request,
                                   check_peer_method, check_sampling_fields, computed_fraction,
                                   initial_noise, row_groups, to_frames)
-from astraea_jax.parallel.row_groups import RowGroupStepModel, to_device
+from astraea_jax.parallel.row_groups import split_rows
 from astraea_jax.sampling import rflow
 from astraea_jax.sampling.loop import denoise
 
@@ -118,22 +118,6 @@ class OpenSoraDenseStepModel:
     del step_index
     return _dense_forward(self._graphdef, self._state, latents, timestep, self.y, self.mask,
                           self.fps, self.height, self.width), carry
-
-
-def split_rows(model, make, y: jax.Array, mask: jax.Array | None,
-               groups: int) -> RowGroupStepModel:
-  """`make(model, y, mask)`'s step model with the batch rows of `y` `[B', 1, M, C]` in `groups`
-  groups on this host's first devices, each with its own copy of the weights (`mask` `[B'', M]`
-  is tiled to B' rows first, as STDiT3 tiles it)."""
-  graphdef, state = nnx.split(model)
-  rows = y.shape[0]
-  mask = None if mask is None else jnp.tile(mask, (rows // mask.shape[0], 1))
-
-  def build(r: slice, device):
-    return make(nnx.merge(graphdef, to_device(state, device)), to_device(y[r], device),
-                None if mask is None else to_device(mask[r], device))
-
-  return RowGroupStepModel(build, rows, jax.local_devices()[:groups])
 
 
 @dataclasses.dataclass
@@ -215,9 +199,8 @@ class OpenSoraPipeline:
     fields; missing `aes` / `fps` take OpenSora's defaults). `noise` `[B, C, T, Y, X]` replaces the
     seeded initial latents. `devices`: the devices the batch rows are split over (CFG's cond
     and uncond halves, then prompts; `parallel.row_groups`); None: the most visible GPUs that
-    split them evenly. `method`: the
-    peer-method factories of `astraea_jax.pipeline.step_method` build Wan step models, so only None
-    is accepted here.
+    split them evenly. `method`: the peer-method factories of `astraea_jax.pipeline.step_method`
+    build Wan step models, so only None is accepted here.
     """
     cfg = self.defaults if cfg is None else cfg
     check_peer_method(self.name, method)
@@ -260,7 +243,10 @@ class OpenSoraPipeline:
     if groups == 1:
       step_model: Any = make_step_model(self.transformer, caption, text_mask)
     else:
-      step_model = split_rows(self.transformer, make_step_model, caption, text_mask, groups)
+      # STDiT3 tiles a mask of fewer rows over the captions: give every row its own.
+      mask = (None if text_mask is None else
+              jnp.tile(text_mask, (rows // text_mask.shape[0], 1)))  # [B', M]
+      step_model = split_rows(self.transformer, make_step_model, (caption, mask), groups)
     latents, _, stats = denoise(step_model, noise, scheduler, state, guidance_scale=cfg.guidance,
                                 progress=progress, prediction=self.prediction)
 

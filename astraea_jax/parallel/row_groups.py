@@ -21,8 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-__all__ = ["RowGroupStepModel", "fitting_row_groups", "to_device"]
+__all__ = ["RowGroupStepModel", "fitting_row_groups", "split_rows", "to_device"]
 
 
 def fitting_row_groups(num_devices: int | None, rows: int, visible: int) -> int:
@@ -90,3 +91,18 @@ class RowGroupStepModel:
       carries.append(c)
     home = self.devices[0]
     return jnp.concatenate([jax.device_put(o, home) for o in outs], axis=0), tuple(carries)
+
+
+def split_rows(model: nnx.Module, make: Callable[..., Any], row_args: Sequence[jax.Array | None],
+               groups: int) -> RowGroupStepModel:
+  """`make(model, *row_args)`'s step model with its batch rows in `groups` groups on this host's
+  first devices: group g gets a copy of `model` and rows g of every array of `row_args` (each
+  `[B', ...]`, B' the loop's rows; None stays None) on device g."""
+  graphdef, state = nnx.split(model)
+  rows = next(a.shape[0] for a in row_args if a is not None)
+
+  def build(r: slice, device: jax.Device):
+    return make(nnx.merge(graphdef, to_device(state, device)),
+                *(None if a is None else to_device(a[r], device) for a in row_args))
+
+  return RowGroupStepModel(build, rows, jax.local_devices()[:groups])
