@@ -51,7 +51,7 @@ from astraea_jax.acceleration.config import AstraeaConfig
 from astraea_jax.acceleration.schedule import BudgetSchedule
 from astraea_jax.acceleration.token_cache import cache_bytes_per_token_per_block
 from astraea_jax.models.wan import WanConfig
-from benchutil import (RESULTS as _RESULTS, build_state, device_slug,  # noqa: E402  (script dir)
+from benchutil import (RESULTS as _RESULTS, build_state, device_slug, time_chained,  # noqa: E402  (script dir)
                        load_schedules)
 
 _DIFFUSERS_MS = 623.0  # diffusers 0.42.1 + PyTorch 2.11, bf16, batch 1, H100 (../shared/DESIGN.md)
@@ -95,15 +95,7 @@ class Timer:
 
   def time_chain(self, compiled, args_without_cache, cache):
     """Calls `compiled(*args, cache)` runs + 1 times, the first a warm-up: (ms, out, cache)."""
-    times = []
-    out = None
-    for i in range(self.runs + 1):
-      start = time.perf_counter()
-      out, cache = compiled(*args_without_cache, cache)
-      jax.block_until_ready((out, cache))
-      if i:
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, out, cache
+    return time_chained(compiled, args_without_cache, cache, self.runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,14 @@ Benchmarks run as scripts (`PYTHONPATH=. python3 benchmarks/NAME.py`), so this s
 
 from __future__ import annotations
 
+import datetime
 import glob
 import gzip
 import json
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +27,42 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def device_slug() -> str:
   """The first device's kind as a file-name part, e.g. `nvidia-h100-80gb-hbm3`."""
   return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
+
+
+def time_chained(compiled, fixed: tuple, cache, runs: int) -> tuple:
+  """`runs + 1` calls of `compiled(*fixed, cache)`, the cache chained (donated), the first a
+  warm-up: (times in ms, the last output, the last cache)."""
+  times, out = [], None
+  for i in range(runs + 1):
+    start = time.perf_counter()
+    out, cache = compiled(*fixed, cache)
+    jax.block_until_ready((out, cache))
+    if i:
+      times.append((time.perf_counter() - start) * 1e3)
+  return times, out, cache
+
+
+def run_fields() -> dict:
+  """What every result record names: device, jax version, date, command line."""
+  return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+
+
+def generation_fields(result, wall_seconds: float) -> dict:
+  """The timings of one `*Pipeline.generate` result (seconds, rounded to 10 ms)."""
+  stats = result.denoise_stats
+  return {"generate_s": round(wall_seconds, 2), "encode_s": round(result.encode_seconds, 2),
+          "denoise_s": round(stats.total_seconds, 2),
+          "denoise_compile_s": round(sum(stats.compile_seconds), 2),
+          "decode_s": round(result.decode_seconds, 2)}
+
+
+def append_record(record: dict, out: Path | None, name: str) -> Path:
+  """Appends `record` as one JSON line to `out` (default results/<name>-<device>.jsonl)."""
+  out = out or RESULTS / f"{name}-{device_slug()}.jsonl"
+  with open(out, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  return out
 
 
 def parse_tuning(spec: str):

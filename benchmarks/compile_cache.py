@@ -17,8 +17,6 @@ Prints one line and appends a JSON record to `--out` (default results/compile_ca
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
   before = _entries(args.cache)
 
   # pylint: disable=import-outside-toplevel
-  import jax
-
   from astraea_jax.acceleration import BudgetSchedule
-  from benchutil import RESULTS, device_slug
+  from benchutil import append_record, generation_fields, run_fields
   from e2e import PROMPT, build
   # pylint: enable=import-outside-toplevel
 
@@ -58,21 +54,14 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   result = pipe.generate([PROMPT], request, schedule=schedule, progress=False)
   wall = time.perf_counter() - start
-  stats = result.denoise_stats
   record = {
       "benchmark": "compile_cache", "model": pipe.name, "cache": None if folder is None else str(folder),
       "schedule": args.schedule.name, "steps": request.steps,
       "video": f"{request.width}x{request.height}x{request.frames}",
-      "entries_before": before, "entries_after": _entries(args.cache),
-      "build_s": round(built, 2), "generate_s": round(wall, 2),
-      "encode_s": round(result.encode_seconds, 2), "denoise_s": round(stats.total_seconds, 2),
-      "denoise_compile_s": round(sum(stats.compile_seconds), 2),
-      "decode_s": round(result.decode_seconds, 2), "process_s": round(time.perf_counter() - started, 2),
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-      "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
-  out = args.out or RESULTS / f"compile_cache-{device_slug()}.jsonl"
-  with open(out, "a") as f:
-    f.write(json.dumps(record) + "\n")
+      "entries_before": before, "entries_after": _entries(args.cache), "build_s": round(built, 2),
+      **generation_fields(result, wall),
+      "process_s": round(time.perf_counter() - started, 2), **run_fields()}
+  append_record(record, args.out, "compile_cache")
   print(f"cache entries {before} -> {record['entries_after']}: generate {wall:.1f} s (encode "
         f"{record['encode_s']:.1f}, denoise {record['denoise_s']:.1f} of which compile "
         f"{record['denoise_compile_s']:.1f}, decode {record['decode_s']:.1f}); process "

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from astraea_jax.models.hunyuan import HunyuanConfig, HunyuanVideoTransformer3DM
 from astraea_jax.models.llama_text import LlamaTextConfig, LlamaTextModel
 from astraea_jax.pipeline_hunyuan import (HunyuanGenerationConfig, HunyuanPipeline,
                                           PaddedTokenizer, TextTemplate)
-from benchutil import RESULTS, device_slug, init_on_device  # (script dir)
+from benchutil import append_record, generation_fields, init_on_device, run_fields  # (script dir)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "goldens" / "hunyuan_pipeline" / "diffusers"
 SCHEDULE = Path(__file__).resolve().parent / "schedules" / "searched_default_0.7-whole.json"
@@ -111,16 +109,10 @@ def main(argv: list[str] | None = None) -> int:
   record = {
       "benchmark": "hunyuan_e2e", "model": pipe.name, "video": f"{w}x{h}x{cfg.frames}",
       "steps": cfg.steps, "schedule": None if schedule is None else Path(args.schedule).name,
-      "computed_steps": computed, "num_tokens": result.num_tokens,
-      "build_s": round(built, 2), "generate_s": round(wall, 2),
-      "encode_s": round(result.encode_seconds, 2), "denoise_s": round(stats.total_seconds, 2),
-      "denoise_compile_s": round(sum(stats.compile_seconds), 2),
-      "decode_s": round(result.decode_seconds, 2), "frames": list(result.frames.shape),
-      "peak_gib": round(peak, 2), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-      "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
-  out = args.out or RESULTS / f"hunyuan_e2e-{device_slug()}.jsonl"
-  with open(out, "a") as f:
-    f.write(json.dumps(record) + "\n")
+      "computed_steps": computed, "num_tokens": result.num_tokens, "build_s": round(built, 2),
+      **generation_fields(result, wall), "frames": list(result.frames.shape),
+      "peak_gib": round(peak, 2), **run_fields()}
+  append_record(record, args.out, "hunyuan_e2e")
   print(f"{pipe.name} {record['video']}, {computed}/{cfg.steps} steps computed: generate "
         f"{wall:.1f} s (text {result.encode_seconds:.1f}, denoise {stats.total_seconds:.1f} of "
         f"which compile {record['denoise_compile_s']:.1f}, decode {result.decode_seconds:.1f}), "

@@ -69,6 +69,7 @@ from astraea_jax.models.hunyuan import HunyuanConfig, HunyuanVideoTransformer3DM
 sys.path.insert(0, str(Path(__file__).parent))
 from benchutil import (RESULTS, device_slug, init_on_device,  # noqa: E402  pylint: disable=wrong-import-position
                        kernel_times, load_schedules)
+from benchutil import time_chained as chain_calls  # noqa: E402  pylint: disable=wrong-import-position
 
 PAPER = {"setting": "HunyuanVideo, 5 s video, A100, end to end",
          "speedup": {"0.7": 1.39, "0.5": 1.93, "0.4": 2.38}}
@@ -197,16 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     return row
 
   def time_chained(compiled, cache):
-    """`runs + 1` calls of `compiled(*fixed, cache)`, the cache chained, the first a warm-up:
-    (times in ms, the last output, the last cache)."""
-    times = []
-    for i in range(args.runs + 1):
-      start = time.perf_counter()
-      out, cache = compiled(*fixed, cache)
-      jax.block_until_ready((out, cache))
-      if i:
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, out, cache
+    return chain_calls(compiled, fixed, cache, args.runs)
 
   def affordable(name, seconds):
     if time.perf_counter() + seconds <= deadline:

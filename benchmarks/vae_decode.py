@@ -18,8 +18,6 @@ Prints one line and appends a JSON record to `--out` (default results/vae_decode
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -32,7 +30,7 @@ from flax import nnx
 
 from astraea_jax.models import hunyuan_vae as hv
 from astraea_jax.models.hunyuan_vae_tiling import num_tiles
-from benchutil import RESULTS, device_slug, init_on_device  # (script dir)
+from benchutil import append_record, init_on_device, run_fields  # (script dir)
 
 MODES = {
     "tiled": hv.VAETiling(spatial=True),
@@ -62,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
   record = {"benchmark": "vae_decode", "model": "hunyuan-video VAE (random fp32 weights)",
             "mode": args.mode, "tiling": tiling.__dict__, "video": f"{w}x{h}x{args.frames}",
             "latents": list(shape), "decoder_calls": tiles,
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}}
+            **run_fields(), "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}}
   try:
     start = time.perf_counter()
     video = jax.block_until_ready(hv.decode_tiled(vae, z, tiling, progress=True))
@@ -80,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     record["error"] = str(e).strip().splitlines()[0][:300]
   stats = jax.devices()[0].memory_stats() or {}
   record["peak_gib"] = round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
-  out = args.out or RESULTS / f"vae_decode-{device_slug()}.jsonl"
-  with open(out, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  append_record(record, args.out, "vae_decode")
   print(f"{args.mode:9s} {record['video']:14s} calls {tiles:4d}  "
         + (f"decode {record['decode_s']:.2f} s (first {record['first_call_s']:.1f} s)"
            if "decode_s" in record else f"FAILED: {record['error'][:80]}")
