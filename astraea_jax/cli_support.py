@@ -58,29 +58,47 @@ def enable_compile_cache(path: str | os.PathLike | None) -> Path | None:
   return folder
 
 
+def model_family(name: str) -> str:
+  """Which pipeline `--model name` is, from the folder alone: 'default', 'opensora', 'hunyuan'
+  or 'wan' (a converted or release Wan2.1 folder, or anything else, which the Wan loader rejects
+  with its own message)."""
+  if name == "default":
+    return "default"
+  from astraea_jax import pipeline_opensora  # pylint: disable=import-outside-toplevel
+  from checkpoints_convert import hunyuan_t2v  # pylint: disable=import-outside-toplevel
+
+  # An OpenSora folder has the same component folders as a converted Wan one, and a HunyuanVideo
+  # release is a diffusers folder: ask both before Wan's.
+  if pipeline_opensora.is_opensora_folder(name):
+    return "opensora"
+  if hunyuan_t2v.is_release(name):
+    return "hunyuan"
+  return "wan"
+
+
 def load_model(name: str):
   """'default', a converted Wan2.1 folder, a Wan2.1 release folder (diffusers or original layout),
   a converted OpenSora v1.2 folder (`python -m checkpoints_convert opensora_t2v`) or a diffusers
   HunyuanVideo folder (converted in memory)."""
-  if name == "default":
+  family = model_family(name)
+  if family == "default":
     from astraea_jax.default_model import load_default_pipeline  # pylint: disable=import-outside-toplevel
     return load_default_pipeline()
-  from astraea_jax.pipelines import folder_kind, load_wan_pipeline  # pylint: disable=import-outside-toplevel
-  from astraea_jax import pipeline_opensora  # pylint: disable=import-outside-toplevel
-
-  # An OpenSora folder has the same component folders as a converted Wan one: ask it first.
-  if pipeline_opensora.is_opensora_folder(name):
+  if family == "opensora":
+    from astraea_jax import pipeline_opensora  # pylint: disable=import-outside-toplevel
     return pipeline_opensora.load_opensora_pipeline(name)
   # The converters sit above the library; only the command-line layer reaches for them.
-  from checkpoints_convert import hunyuan_t2v  # pylint: disable=import-outside-toplevel
   from checkpoints_convert.common import CheckpointError  # pylint: disable=import-outside-toplevel
 
-  if hunyuan_t2v.is_release(name):  # a diffusers folder too: ask before Wan's
+  if family == "hunyuan":
+    from checkpoints_convert import hunyuan_t2v  # pylint: disable=import-outside-toplevel
     print(f"converting {name} (HunyuanVideo) in memory", file=sys.stderr)
     try:
       return hunyuan_t2v.load_pipeline(name)
     except CheckpointError as e:
       raise ValueError(str(e)) from None
+  from astraea_jax.pipelines import folder_kind, load_wan_pipeline  # pylint: disable=import-outside-toplevel
+
   if folder_kind(name) == "converted":
     return load_wan_pipeline(name)
   from checkpoints_convert.wan_t2v import load_pipeline  # pylint: disable=import-outside-toplevel

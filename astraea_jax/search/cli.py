@@ -26,8 +26,7 @@ import sys
 from pathlib import Path
 
 from astraea_jax.cli_support import (COMPILE_CACHE_HELP, enable_compile_cache, load_model,
-                                     run_main)
-from astraea_jax.pipeline import WanPipeline
+                                     model_family, run_main)
 
 DEFAULT_BUDGET = 0.5
 DEFAULT_NUM_PROMPTS = 4  # the paper calibrates on 4 prompts
@@ -206,10 +205,10 @@ def run(argv: list[str] | None = None) -> int:
                 num_generations=args.generations, mutation_start=args.mutation_start,
                 mutation_end=args.mutation_end, step_cache_seeds=args.step_cache_seeds)
 
-  pipe = load_model(args.model)
-  if not isinstance(pipe, WanPipeline):
-    raise ValueError(f"{pipe.name}: search runs Wan2.1 models (the embedded default or a Wan2.1 "
+  if model_family(args.model) not in ("default", "wan"):  # before loading it
+    raise ValueError(f"{args.model}: search runs Wan2.1 models (the embedded default or a Wan2.1 "
                      "folder); for other models put schedule files in the folder's schedules/")
+  pipe = load_model(args.model)
   overrides = {k: v for k, v in dict(frames=args.frames, steps=args.steps,
                                      guidance=args.guidance).items() if v is not None}
   if args.size is not None:
